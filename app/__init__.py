@@ -1,0 +1,50 @@
+"""openrouter-relay: a small, honest streaming relay in front of OpenRouter.
+
+Only the configuration is imported at module level: gunicorn.conf.py reads it in the master
+process, which must not import requests or ssl before the gevent worker patches them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from .config import Settings
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+
+def create_app(config: Mapping[str, str] | Settings | None = None) -> Flask:
+    """Build the WSGI app; settings come from the environment unless `config` gives them.
+
+    `config` may be a Settings, or a mapping of environment-variable names to values (tests).
+    """
+    from flask import Flask
+
+    from . import chat, health
+    from .errors import handle_errors_as, render_message
+    from .upstream import OpenRouter
+
+    settings = config if isinstance(config, Settings) else Settings.from_environ(config)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.extensions["relay.settings"] = settings
+    app.extensions["relay.openrouter"] = OpenRouter(settings)
+    _configure_logging()
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(chat.bp)
+    handle_errors_as(app, render_message)
+    return app
+
+
+def _configure_logging() -> None:
+    logger = logging.getLogger("relay")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s relay: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

@@ -1,0 +1,103 @@
+"""Settings: read once from the environment, validated before the service starts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _positive_number(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = _positive_int(raw)
+    if value > 65535:
+        raise ValueError("must be a TCP port (1-65535)")
+    return value
+
+
+def _http_url(raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ValueError("has a malformed port") from None
+    return url
+
+
+def _setting(env: str, parse: Callable[[str], Any], default: Any, *, secret: bool = False) -> Any:
+    return field(
+        default=default,
+        repr=not secret,
+        metadata={"env": env, "parse": parse},
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the relay can be configured with; one environment variable per field."""
+
+    openrouter_api_key: str = _setting("OPENROUTER_API_KEY", _text, "", secret=True)
+    openrouter_base_url: str = _setting(
+        "OPENROUTER_BASE_URL", _http_url, "https://openrouter.ai/api/v1"
+    )
+    openrouter_app_url: str = _setting("OPENROUTER_APP_URL", _text, "")
+    openrouter_app_title: str = _setting("OPENROUTER_APP_TITLE", _text, "")
+    upstream_connect_timeout: float = _setting("UPSTREAM_CONNECT_TIMEOUT", _positive_number, 10.0)
+    upstream_read_timeout: float = _setting("UPSTREAM_READ_TIMEOUT", _positive_number, 300.0)
+    max_request_bytes: int = _setting("MAX_REQUEST_BYTES", _positive_int, 20 * 1024 * 1024)
+    port: int = _setting("PORT", _port, 8000)
+    web_concurrency: int = _setting("WEB_CONCURRENCY", _positive_int, 2)
+    worker_connections: int = _setting("WORKER_CONNECTIONS", _positive_int, 1000)
+    graceful_timeout: float = _setting("GRACEFUL_TIMEOUT", _positive_number, 25.0)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every setting from `environ` (the process environment by default).
+
+        Raises ConfigError naming the first variable whose value cannot be used.
+        """
+        environ = os.environ if environ is None else environ
+        values = {}
+        for spec in fields(cls):
+            name = spec.metadata["env"]
+            raw = environ.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            try:
+                values[spec.name] = spec.metadata["parse"](raw)
+            except ValueError as error:
+                shown = "(hidden)" if not spec.repr else repr(raw)
+                raise ConfigError(f"{name} {error}, got {shown}") from None
+        return cls(**values)

@@ -1,0 +1,153 @@
+"""What can go wrong, as a small exception hierarchy; each surface renders it in its own shape."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+
+from flask import Blueprint, Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("relay")
+
+
+class RelayError(Exception):
+    """A failure the relay answers with a status and a readable message."""
+
+    status = 500
+    kind = "server_error"
+    message = "An unexpected error occurred"
+
+    def __init__(self, message: str | None = None, *, status: int | None = None) -> None:
+        super().__init__(message or self.message)
+        self.message = message or self.message
+        if status is not None:
+            self.status = status
+        self.headers: dict[str, str] = {}
+
+
+class BadRequest(RelayError):
+    """The caller's payload cannot be used; `errors` maps field paths to messages."""
+
+    status = 400
+    kind = "invalid_request_error"
+
+    def __init__(self, message: str, errors: dict[str, list[str]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or {}
+
+    @property
+    def param(self) -> str | None:
+        return next(iter(self.errors), None)
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+
+
+class KeyNotFound(RelayError):
+    """No OpenRouter key is configured for this caller (chatbot-ui's wording and status)."""
+
+    status = 500
+    kind = "authentication_error"
+    message = "OpenRouter API Key not found. Please set it in your profile settings."
+
+
+class UpstreamError(RelayError):
+    """OpenRouter answered with an error, or not in a way the relay can use."""
+
+    status = 502
+    kind = "upstream_error"
+    message = "OpenRouter returned an error"
+
+    def __init__(
+        self, message: str | None = None, *, status: int | None = None, code: object = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.code = code
+
+
+class UpstreamUnreachable(UpstreamError):
+    message = "Could not connect to OpenRouter"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    kind = "timeout"
+    message = "OpenRouter did not answer in time"
+
+
+class UpstreamProtocolError(UpstreamError):
+    """OpenRouter's answer does not follow its own protocol (not SSE, not JSON, cut short)."""
+
+    message = "OpenRouter sent an invalid response"
+
+
+class StreamCutOff(ConnectionResetError):
+    """Raised out of a streamed body after its first byte to make the server drop the connection.
+
+    The HTTP status is gone by then, so the only honest signal left is an incomplete chunked body:
+    the client's reader raises instead of seeing a clean end. As a ConnectionResetError, WSGI
+    servers (gunicorn, werkzeug) treat it as a dropped connection, not as an application crash.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(errno.ECONNRESET, reason)
+
+
+_OPENAI_KINDS = {
+    401: "authentication_error",
+    402: "insufficient_quota",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
+}
+
+
+def error_kind(error: RelayError) -> str:
+    """The OpenAI-style `type` of an error, from its status when the upstream set it."""
+    return _OPENAI_KINDS.get(error.status, error.kind)
+
+
+def as_relay_error(error: Exception) -> RelayError:
+    """Turn anything a view raised into a RelayError, logging what the caller must not see."""
+    if isinstance(error, RelayError):
+        return error
+    if isinstance(error, HTTPException):
+        if error.code == 413:
+            return PayloadTooLarge("Request body is too large", {"body": ["Too large."]})
+        relay_error = RelayError(error.description, status=error.code)
+        relay_error.kind = "invalid_request_error" if (error.code or 500) < 500 else "server_error"
+        return relay_error
+    log.exception("unexpected error while handling a request")
+    return RelayError()
+
+
+Renderer = Callable[[RelayError], Response]
+
+
+def render_message(error: RelayError) -> Response:
+    """chatbot-ui's error shape: {"message": ...}, plus field errors for a bad payload."""
+    body: dict[str, object] = {"message": error.message}
+    if isinstance(error, BadRequest) and error.errors:
+        body["errors"] = error.errors
+    return _json(body, error)
+
+
+def _json(body: dict[str, object], error: RelayError) -> Response:
+    response = jsonify(body)
+    response.status_code = error.status
+    response.headers.update(error.headers)
+    return response
+
+
+def handle_errors_as(surface: Blueprint | Flask, render: Renderer) -> None:
+    """Make every error raised under `surface` an answer in the shape `render` gives."""
+
+    def handle(error: Exception) -> Response:
+        return render(as_relay_error(error))
+
+    surface.register_error_handler(Exception, handle)

@@ -1,0 +1,94 @@
+"""What OpenRouter's stream events mean: chunks, the end, errors (sseclient-py frames them)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+from sseclient import SSEClient
+from urllib3.exceptions import HTTPError as TransportError
+from urllib3.exceptions import ReadTimeoutError
+
+from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
+
+log = logging.getLogger("relay")
+
+_READ_SIZE = 64 * 1024
+
+
+class ChatStream:
+    """The chunks of one streamed completion, in order; owns the upstream response.
+
+    Iterating yields each chunk as a dict and ends normally only at OpenRouter's `[DONE]`.
+    Anything else (an error event, a dropped connection, a stall past the read timeout,
+    an event that is not a chunk) raises an UpstreamError.
+    """
+
+    def __init__(self, response: requests.Response) -> None:
+        self._response = response
+        self.generation_id: str | None = response.headers.get("X-Generation-Id")
+        self.usage: dict[str, Any] | None = None
+        self.done = False
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            for event in SSEClient(self._reads()).events():
+                if event.data == "[DONE]":
+                    self.done = True
+                    return
+                yield self._interpret(event.data)
+        except UnicodeDecodeError:
+            raise _protocol_error("an event that is not valid UTF-8") from None
+        except ReadTimeoutError:
+            log.warning("upstream went silent for longer than the read timeout")
+            raise UpstreamTimeout("OpenRouter went silent for too long") from None
+        except TransportError as error:
+            log.warning("upstream connection dropped mid-stream: %s", type(error).__name__)
+            raise UpstreamProtocolError("OpenRouter's stream was cut off") from None
+        raise _protocol_error("an end without [DONE]", "OpenRouter's stream was cut off")
+
+    def close(self) -> None:
+        """Release the upstream connection; OpenRouter stops generating when it sees it close."""
+        self._response.close()
+
+    def _reads(self) -> Iterator[bytes]:
+        """The body as it arrives, one network read at a time (never waiting to fill a buffer)."""
+        read = self._response.raw.read1
+        while data := read(_READ_SIZE):
+            yield data
+
+    def _interpret(self, data: str) -> dict[str, Any]:
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise _protocol_error("an event that is not JSON") from None
+        if not isinstance(chunk, dict):
+            raise _protocol_error("an event that is not a JSON object")
+        if "error" in chunk:
+            raise _stream_error(chunk["error"])
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            raise _protocol_error("an event without choices")
+        if choices and isinstance(choices[0], dict) and choices[0].get("finish_reason") == "error":
+            raise _stream_error(None)
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        return chunk
+
+
+def _stream_error(error: Any) -> UpstreamError:
+    """An error OpenRouter reported inside the stream, after its 200."""
+    message = error.get("message") if isinstance(error, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    message = str(message or "OpenRouter reported an error mid-stream")
+    log.warning("upstream reported an error mid-stream: %s (code %s)", message, code)
+    status = code if isinstance(code, int) and 400 <= code <= 599 else 502
+    return UpstreamError(message, status=status, code=code)
+
+
+def _protocol_error(what: str, message: str | None = None) -> UpstreamProtocolError:
+    log.warning("upstream sent %s", what)
+    return UpstreamProtocolError(message or f"OpenRouter sent {what}")

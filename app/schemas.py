@@ -1,0 +1,193 @@
+"""marshmallow schemas of the payloads the relay accepts: the one source of truth for them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import (
+    EXCLUDE,
+    INCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    validate,
+    validates_schema,
+)
+
+from .errors import BadRequest
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class Number(fields.Float):
+    """A JSON number: unlike marshmallow's Float, a numeric string is refused, not converted."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        if isinstance(value, str):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class NonEmptyString(fields.String):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(validate=validate.Length(min=1), **kwargs)
+
+
+class ImageUrl(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    url = NonEmptyString(required=True)
+    detail = fields.String(validate=validate.OneOf(("auto", "low", "high")))
+
+
+class TextPart(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    type = fields.String(required=True)
+    text = fields.String(required=True)
+
+
+class ImagePart(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    type = fields.String(required=True)
+    image_url = fields.Nested(ImageUrl, required=True)
+
+
+class OtherPart(Schema):
+    """Audio, file and video parts: OpenRouter checks them; the relay only requires a type."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    type = NonEmptyString(required=True)
+
+
+_PART_SCHEMAS = {"text": TextPart(), "image_url": ImagePart()}
+_OTHER_PART = OtherPart()
+
+
+class MessageContent(fields.Field):
+    """A message's content: a string, or a list of typed parts (text, image_url, ...)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValidationError("Must be a string or a list of content parts.")
+        parts, errors = [], {}
+        for index, part in enumerate(value):
+            if not isinstance(part, dict):
+                errors[index] = ["Must be an object with a type."]
+                continue
+            schema = _PART_SCHEMAS.get(part.get("type"), _OTHER_PART)
+            try:
+                parts.append(schema.load(part))
+            except ValidationError as error:
+                errors[index] = error.messages
+        if errors:
+            raise ValidationError(errors)
+        return parts
+
+
+class ToolFunction(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    name = NonEmptyString(required=True)
+    arguments = fields.String()
+
+
+class ToolCall(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    id = NonEmptyString(required=True)
+    type = fields.String(validate=validate.OneOf(("function",)))
+    function = fields.Nested(ToolFunction, required=True)
+
+
+class Message(Schema):
+    """One chat message; fields the relay does not know are passed on as they are."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    role = fields.String(required=True, validate=validate.OneOf(ROLES))
+    content = MessageContent(allow_none=True)
+    name = fields.String()
+    tool_call_id = NonEmptyString()
+    tool_calls = fields.List(fields.Nested(ToolCall))
+
+    @validates_schema
+    def content_is_present(self, message: dict[str, Any], **kwargs: Any) -> None:
+        if message.get("content") is None and not (
+            message.get("role") == "assistant" and message.get("tool_calls")
+        ):
+            raise ValidationError("Missing data for required field.", "content")
+        if message.get("role") == "tool" and not message.get("tool_call_id"):
+            raise ValidationError("A tool message needs the id of its tool call.", "tool_call_id")
+
+
+def messages_field() -> fields.List:
+    return fields.List(fields.Nested(Message), required=True, validate=validate.Length(min=1))
+
+
+class ChatSettings(Schema):
+    """chatbot-ui's ChatSettings: only model and temperature go upstream."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    model = NonEmptyString(required=True)
+    temperature = Number(validate=validate.Range(min=0, max=2))
+    prompt = fields.String(allow_none=True)
+    contextLength = fields.Integer(allow_none=True)
+    includeProfileContext = fields.Boolean(allow_none=True)
+    includeWorkspaceInstructions = fields.Boolean(allow_none=True)
+    embeddingsProvider = fields.String(allow_none=True)
+
+
+class ChatbotRequest(Schema):
+    """The body chatbot-ui posts to /api/chat/openrouter."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    chatSettings = fields.Nested(ChatSettings, required=True)
+    messages = messages_field()
+
+
+def load(schema: Schema, payload: dict[str, Any]) -> dict[str, Any]:
+    """Validate `payload` against `schema`, raising BadRequest that names every bad field."""
+    try:
+        return schema.load(payload)
+    except ValidationError as error:
+        problems: dict[str, list[str]] = {}
+        for path, messages in _flatten(error.messages):
+            problems.setdefault(path, []).extend(messages)
+        path, messages = next(iter(problems.items()))
+        more = len(problems) - 1
+        sentence = f"Invalid request: {path}: {messages[0]}"
+        if more:
+            sentence += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise BadRequest(sentence, problems) from None
+
+
+def _flatten(messages: Any, path: str = "") -> Any:
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            if key == "_schema":
+                yield from _flatten(value, path)
+            else:
+                yield from _flatten(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(messages, list) and all(isinstance(item, str) for item in messages):
+        yield path or "body", messages
+    elif isinstance(messages, list):
+        for item in messages:
+            yield from _flatten(item, path)
+    else:
+        yield path or "body", [str(messages)]

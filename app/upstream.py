@@ -1,0 +1,111 @@
+"""The OpenRouter client: one pooled requests.Session per worker, one method per upstream call.
+
+Knows nothing of Flask. Failures before a stream starts are raised as UpstreamError subclasses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from .config import Settings
+from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+from .events import ChatStream
+
+log = logging.getLogger("relay")
+
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+class OpenRouter:
+    """Calls OpenRouter's API over a pool sized for every stream a worker can hold open."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.base_url = settings.openrouter_base_url
+        self.timeout = (settings.upstream_connect_timeout, settings.upstream_read_timeout)
+        self.session = requests.Session()
+        # Proxies are read from the environment once, here, instead of on every request.
+        self.session.trust_env = False
+        self.session.proxies.update(requests.utils.get_environ_proxies(self.base_url))
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=settings.worker_connections)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers.update(_attribution_headers(settings))
+
+    def open_chat_stream(self, payload: dict[str, Any], key: str) -> ChatStream:
+        """Start a streamed chat completion; returns once OpenRouter has sent its headers."""
+        response = self._post("/chat/completions", {**payload, "stream": True}, key)
+        content_type = response.headers.get("Content-Type", "")
+        if not content_type.startswith("text/event-stream"):
+            response.close()
+            log.warning("upstream answered 200 with %r instead of an event stream", content_type)
+            raise UpstreamProtocolError(
+                f"OpenRouter answered with {content_type or 'no content type'} "
+                "instead of an event stream"
+            )
+        return ChatStream(response)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _post(self, path: str, payload: dict[str, Any], key: str) -> requests.Response:
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        headers = {
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/json",
+            "Accept-Encoding": "identity",
+        }
+        try:
+            response = self.session.post(
+                self.base_url + path, data=body, headers=headers, stream=True, timeout=self.timeout
+            )
+        except requests.Timeout as error:
+            log.warning("upstream timed out before answering: %s", type(error).__name__)
+            raise UpstreamTimeout() from None
+        except requests.RequestException as error:
+            log.warning("upstream unreachable: %s", type(error).__name__)
+            raise UpstreamUnreachable() from None
+        if response.status_code != 200:
+            raise _error_from(response)
+        return response
+
+
+def _attribution_headers(settings: Settings) -> dict[str, str]:
+    headers = {}
+    if settings.openrouter_app_url:
+        headers["HTTP-Referer"] = settings.openrouter_app_url
+    if settings.openrouter_app_title:
+        headers["X-Title"] = settings.openrouter_app_title
+    return headers
+
+
+def _error_from(response: requests.Response) -> UpstreamError:
+    """The UpstreamError for a non-200 answer, keeping OpenRouter's status and message."""
+    try:
+        raw = response.raw.read(_ERROR_BODY_LIMIT)
+    except Exception:  # the status alone is still worth reporting
+        raw = b""
+    finally:
+        response.close()
+    status = response.status_code
+    message = code = None
+    try:
+        error = json.loads(raw)["error"]
+        message, code = str(error["message"]), error.get("code")
+    except (ValueError, KeyError, TypeError):
+        pass
+    if message is None:
+        log.warning("upstream answered %s without OpenRouter's error JSON", status)
+        message = f"OpenRouter answered with status {status}"
+    else:
+        log.info("upstream answered %s: %s", status, message)
+    relay_status = status if 400 <= status <= 599 else 502
+    error = UpstreamError(message, status=relay_status, code=code)
+    retry_after = response.headers.get("Retry-After")
+    if retry_after:
+        error.headers["Retry-After"] = retry_after
+    return error

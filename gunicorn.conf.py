@@ -1,0 +1,31 @@
+"""gunicorn settings for openrouter-relay: gevent workers, sized and bound from the environment.
+
+The settings are validated here, in the master, so that a bad value stops the service with one
+clear line before any worker starts. Nothing here imports ssl or requests: the gevent worker
+monkey-patches the standard library before the app (and so requests) is imported.
+"""
+
+import sys
+
+from app.config import ConfigError, Settings
+
+try:
+    _settings = Settings.from_environ()
+except ConfigError as error:
+    sys.exit(f"openrouter-relay: configuration error: {error}")
+
+worker_class = "gevent"
+bind = f"0.0.0.0:{_settings.port}"
+workers = _settings.web_concurrency
+worker_connections = _settings.worker_connections
+# On SIGTERM, in-flight streams get this long to finish (Heroku sends SIGKILL 30 s after SIGTERM).
+graceful_timeout = round(_settings.graceful_timeout)
+# Streams are long-lived; a gevent worker keeps heartbeating while they run, so this only
+# catches a worker whose event loop is stuck.
+timeout = 30
+# Above the 55 s idle window of Heroku-style routers, so the router, not us, closes idle sockets.
+keepalive = 75
+accesslog = "-"
+errorlog = "-"
+# The control socket (gunicornc) is not used; one fixed path per user would clash between instances.
+control_socket_disable = True

@@ -1,0 +1,143 @@
+"""Fixtures: a real OpenRouter-speaking server on loopback, the app built against it, and a real
+gunicorn gevent process started from the Procfile's command."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from app import create_app
+from tests.fake_openrouter import FakeOpenRouter
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_KEY = "sk-or-v1-server-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def fake_server() -> Iterator[FakeOpenRouter]:
+    with FakeOpenRouter() as server:
+        yield server
+
+
+@pytest.fixture
+def fake(fake_server: FakeOpenRouter) -> FakeOpenRouter:
+    fake_server.reset()
+    return fake_server
+
+
+@pytest.fixture
+def relay_env(fake: FakeOpenRouter) -> dict[str, str]:
+    """The environment of a relay pointed at the fake upstream with a server key."""
+    return {
+        "OPENROUTER_API_KEY": SERVER_KEY,
+        "OPENROUTER_BASE_URL": fake.base_url,
+        "UPSTREAM_CONNECT_TIMEOUT": "2",
+        "UPSTREAM_READ_TIMEOUT": "5",
+    }
+
+
+@pytest.fixture
+def app(relay_env: dict[str, str]):
+    return create_app(relay_env)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def procfile_command(process: str = "web") -> list[str]:
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        if name.strip() == process:
+            return shlex.split(command)
+    raise LookupError(f"no {process}: line in the Procfile")
+
+
+class RelayProcess:
+    """gunicorn running the Procfile's web command on a free port; its output goes to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._env = {
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "PORT": str(self.port),
+            "WEB_CONCURRENCY": "1",
+            **env,
+        }
+        self._log = None
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> RelayProcess:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            procfile_command(),
+            cwd=ROOT,
+            env=self._env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.log()}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).ok:
+                    return self
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"gunicorn did not start: {self.log()}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self._log:
+            self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_relay(tmp_path: Path, relay_env: dict[str, str]) -> Iterator:
+    """Start gunicorn as the Procfile says; extra variables override the defaults."""
+    started: list[RelayProcess] = []
+
+    def start(**overrides: str) -> RelayProcess:
+        relay = RelayProcess({**relay_env, **overrides}, tmp_path / f"gunicorn-{len(started)}.log")
+        started.append(relay)
+        return relay.start()
+
+    yield start
+    for relay in started:
+        relay.stop()
+
+
+@pytest.fixture
+def relay(start_relay) -> RelayProcess:
+    return start_relay()

@@ -1,0 +1,61 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.config import ConfigError, Settings
+from tests.conftest import ROOT, procfile_command
+
+
+def test_defaults_need_no_environment():
+    settings = Settings.from_environ({})
+    assert settings.openrouter_base_url == "https://openrouter.ai/api/v1"
+    assert settings.upstream_connect_timeout == 10
+    assert settings.upstream_read_timeout == 300
+    assert settings.max_request_bytes == 20 * 1024 * 1024
+    assert settings.port == 8000
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "complaint"),
+    [
+        ("UPSTREAM_READ_TIMEOUT", "abc", "must be a number of seconds"),
+        ("UPSTREAM_CONNECT_TIMEOUT", "-1", "must be a positive number"),
+        ("OPENROUTER_BASE_URL", "openrouter.ai/api/v1", "must be an http:// or https:// URL"),
+        ("OPENROUTER_BASE_URL", "http://host:notaport/", "has a malformed port"),
+        ("MAX_REQUEST_BYTES", "1.5", "must be a whole number"),
+        ("PORT", "70000", "must be a TCP port"),
+    ],
+)
+def test_a_bad_value_is_refused_naming_the_variable(name, value, complaint):
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_environ({name: value})
+    assert str(raised.value).startswith(f"{name} {complaint}")
+    assert repr(value) in str(raised.value)
+
+
+def test_the_key_is_neither_shown_in_errors_nor_in_the_settings_repr():
+    settings = Settings.from_environ({"OPENROUTER_API_KEY": "sk-or-v1-very-secret"})
+    assert settings.openrouter_api_key == "sk-or-v1-very-secret"
+    assert "very-secret" not in repr(settings)
+
+
+def test_gunicorn_refuses_to_start_on_a_bad_value_with_one_clear_line():
+    result = subprocess.run(
+        procfile_command(),
+        cwd=ROOT,
+        env={
+            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+            "UPSTREAM_READ_TIMEOUT": "soon",
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert lines == [
+        "openrouter-relay: configuration error: "
+        "UPSTREAM_READ_TIMEOUT must be a number of seconds, got 'soon'"
+    ]
