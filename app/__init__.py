@@ -23,20 +23,29 @@ def create_app(config: Mapping[str, str] | Settings | None = None) -> Flask:
     """
     from flask import Flask
 
-    from . import chat, health
-    from .errors import handle_errors_as, render_message
+    from . import chat, health, openai_api, openapi
+    from .catalog import ModelCatalog
+    from .errors import handle_errors_as, render_for_path
     from .upstream import OpenRouter
 
     settings = config if isinstance(config, Settings) else Settings.from_environ(config)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["relay.settings"] = settings
-    app.extensions["relay.openrouter"] = OpenRouter(settings)
+    openrouter = OpenRouter(settings)
+    app.extensions["relay.openrouter"] = openrouter
+    app.extensions["relay.models"] = ModelCatalog(
+        lambda: openrouter.list_models(settings.openrouter_api_key or None),
+        settings.models_cache_ttl,
+    )
     _configure_logging()
 
     app.register_blueprint(health.bp)
     app.register_blueprint(chat.bp)
-    handle_errors_as(app, render_message)
+    app.register_blueprint(openai_api.bp)
+    app.register_blueprint(openapi.bp)
+    app.json.sort_keys = False
+    handle_errors_as(app, render_for_path)
     return app
 
 

@@ -77,6 +77,8 @@ class Settings:
     upstream_connect_timeout: float = _setting("UPSTREAM_CONNECT_TIMEOUT", _positive_number, 10.0)
     upstream_read_timeout: float = _setting("UPSTREAM_READ_TIMEOUT", _positive_number, 300.0)
     max_request_bytes: int = _setting("MAX_REQUEST_BYTES", _positive_int, 20 * 1024 * 1024)
+    heartbeat_interval: float = _setting("HEARTBEAT_INTERVAL", _positive_number, 15.0)
+    models_cache_ttl: float = _setting("MODELS_CACHE_TTL", _positive_number, 300.0)
     port: int = _setting("PORT", _port, 8000)
     web_concurrency: int = _setting("WEB_CONCURRENCY", _positive_int, 2)
     worker_connections: int = _setting("WORKER_CONNECTIONS", _positive_int, 1000)

@@ -6,7 +6,7 @@ import errno
 import logging
 from collections.abc import Callable
 
-from flask import Blueprint, Flask, Response, jsonify
+from flask import Blueprint, Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("relay")
@@ -66,6 +66,15 @@ class UpstreamError(RelayError):
     ) -> None:
         super().__init__(message, status=status)
         self.code = code
+
+    @classmethod
+    def from_body(cls, error: object, status: int = 502) -> UpstreamError:
+        """OpenRouter's error object `{"code", "message"}`; an HTTP-like code becomes the status."""
+        fields = error if isinstance(error, dict) else {}
+        code = fields.get("code")
+        if isinstance(code, int) and 400 <= code <= 599:
+            status = code
+        return cls(str(fields.get("message") or cls.message), status=status, code=code)
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -135,6 +144,27 @@ def render_message(error: RelayError) -> Response:
     if isinstance(error, BadRequest) and error.errors:
         body["errors"] = error.errors
     return _json(body, error)
+
+
+def render_openai_error(error: RelayError) -> Response:
+    """OpenAI's error shape, so the SDKs raise the matching exception class."""
+    param = error.param if isinstance(error, BadRequest) else None
+    body = {
+        "error": {
+            "message": error.message,
+            "type": error_kind(error),
+            "code": getattr(error, "code", None),
+            "param": param,
+        }
+    }
+    return _json(body, error)
+
+
+def render_for_path(error: RelayError) -> Response:
+    """Errors outside any surface (unknown path or method): in the shape of that path's surface."""
+    if request.path.startswith("/v1/"):
+        return render_openai_error(error)
+    return render_message(error)
 
 
 def _json(body: dict[str, object], error: RelayError) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterator
@@ -22,7 +23,8 @@ _READ_SIZE = 64 * 1024
 class ChatStream:
     """The chunks of one streamed completion, in order; owns the upstream response.
 
-    Iterating yields each chunk as a dict and ends normally only at OpenRouter's `[DONE]`.
+    Iterating yields each event as `(data, chunk)`: its JSON text as sent, and that text parsed.
+    It ends normally only at OpenRouter's `[DONE]`.
     Anything else (an error event, a dropped connection, a stall past the read timeout,
     an event that is not a chunk) raises an UpstreamError.
     """
@@ -33,13 +35,13 @@ class ChatStream:
         self.usage: dict[str, Any] | None = None
         self.done = False
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             for event in SSEClient(self._reads()).events():
                 if event.data == "[DONE]":
                     self.done = True
                     return
-                yield self._interpret(event.data)
+                yield event.data, self._interpret(event.data)
         except UnicodeDecodeError:
             raise _protocol_error("an event that is not valid UTF-8") from None
         except ReadTimeoutError:
@@ -51,7 +53,15 @@ class ChatStream:
         raise _protocol_error("an end without [DONE]", "OpenRouter's stream was cut off")
 
     def close(self) -> None:
-        """Release the upstream connection; OpenRouter stops generating when it sees it close."""
+        """Give the connection back to the pool after `[DONE]`; otherwise close it, which tells
+        OpenRouter to stop generating. Safe to call from another thread than the reader's."""
+        raw = self._response.raw
+        if self.done and raw.connection is not None:
+            raw.drain_conn()  # the chunked terminator, normally already buffered
+            raw.release_conn()
+            return
+        with contextlib.suppress(ValueError, RuntimeError, OSError):
+            raw.shutdown()  # wakes a read blocked in another thread
         self._response.close()
 
     def _reads(self) -> Iterator[bytes]:
@@ -81,12 +91,13 @@ class ChatStream:
 
 def _stream_error(error: Any) -> UpstreamError:
     """An error OpenRouter reported inside the stream, after its 200."""
-    message = error.get("message") if isinstance(error, dict) else None
-    code = error.get("code") if isinstance(error, dict) else None
-    message = str(message or "OpenRouter reported an error mid-stream")
-    log.warning("upstream reported an error mid-stream: %s (code %s)", message, code)
-    status = code if isinstance(code, int) and 400 <= code <= 599 else 502
-    return UpstreamError(message, status=status, code=code)
+    failure = UpstreamError.from_body(error if isinstance(error, dict) else {})
+    if failure.message == UpstreamError.message:
+        failure.message = "OpenRouter reported an error mid-stream"
+    log.warning(
+        "upstream reported an error mid-stream: %s (code %s)", failure.message, failure.code
+    )
+    return failure
 
 
 def _protocol_error(what: str, message: str | None = None) -> UpstreamProtocolError:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 
-from .errors import RelayError, StreamCutOff
+from .errors import RelayError, StreamCutOff, error_kind
 from .events import ChatStream
+from .heartbeats import HEARTBEAT, with_heartbeats
 
 log = logging.getLogger("relay")
 
@@ -18,7 +20,7 @@ def present_as_text(stream: ChatStream) -> Iterator[bytes]:
     """
     started = False
     try:
-        for chunk in stream:
+        for _, chunk in stream:
             choices = chunk["choices"]
             if not choices:
                 continue
@@ -55,3 +57,31 @@ def _cut_off_on_failure(first: bytes | None, pieces: Iterator[bytes]) -> Iterato
         raise StreamCutOff(error.message) from None
     finally:
         pieces.close()
+
+
+def present_as_sse(stream: ChatStream, heartbeat_interval: float) -> Iterator[bytes]:
+    """OpenAI's event stream: OpenRouter's events relayed as they come, then `data: [DONE]`.
+
+    A comment goes out at once (so the headers leave now) and again whenever the upstream has been
+    silent for `heartbeat_interval`. A failure mid-stream becomes one error event and the stream
+    ends without `[DONE]`, which the OpenAI SDKs raise as an APIError.
+    """
+    try:
+        yield b": connected\n\n"
+        for item in with_heartbeats(iter(stream), heartbeat_interval):
+            if item is HEARTBEAT:
+                yield b": keep-alive\n\n"
+            else:
+                yield b"data: " + item[0].encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    except RelayError as error:
+        log.warning("ending the event stream with an error event: %s", error.message)
+        yield b"data: " + json.dumps(stream_error_body(error)).encode() + b"\n\n"
+    finally:
+        stream.close()
+
+
+def stream_error_body(error: RelayError) -> dict[str, object]:
+    """The OpenAI error object sent inside an event stream."""
+    code = getattr(error, "code", None)
+    return {"error": {"message": error.message, "type": error_kind(error), "code": code}}

@@ -45,7 +45,7 @@ class TextPart(Schema):
     class Meta:
         unknown = INCLUDE
 
-    type = fields.String(required=True)
+    type = fields.String(required=True, validate=validate.OneOf(("text",)))
     text = fields.String(required=True)
 
 
@@ -53,7 +53,7 @@ class ImagePart(Schema):
     class Meta:
         unknown = INCLUDE
 
-    type = fields.String(required=True)
+    type = fields.String(required=True, validate=validate.OneOf(("image_url",)))
     image_url = fields.Nested(ImageUrl, required=True)
 
 
@@ -159,6 +159,133 @@ class ChatbotRequest(Schema):
 
     chatSettings = fields.Nested(ChatSettings, required=True)
     messages = messages_field()
+
+
+class StrictBoolean(fields.Boolean):
+    """A JSON true or false; marshmallow's Boolean would also take "yes" and 1."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+class StrictInteger(fields.Integer):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(strict=True, **kwargs)
+
+
+class Stop(fields.Field):
+    """`stop`: one string, or a list of at most four."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and len(value) <= 4 and all(isinstance(v, str) for v in value):
+            return value
+        raise ValidationError("Must be a string or a list of at most 4 strings.")
+
+
+class ToolChoice(fields.Field):
+    """`tool_choice`: "none", "auto", "required", or {"type": "function", "function": {"name"}}."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if value in ("none", "auto", "required"):
+            return value
+        if isinstance(value, dict) and value.get("type") == "function":
+            function = value.get("function")
+            if isinstance(function, dict) and isinstance(function.get("name"), str):
+                return value
+        raise ValidationError(
+            'Must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}.'
+        )
+
+
+class FunctionDefinition(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    name = NonEmptyString(required=True)
+    description = fields.String()
+    parameters = fields.Dict()
+
+
+class Tool(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    type = fields.String(required=True, validate=validate.OneOf(("function",)))
+    function = fields.Nested(FunctionDefinition, required=True)
+
+
+class ResponseFormat(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    type = fields.String(
+        required=True, validate=validate.OneOf(("text", "json_object", "json_schema"))
+    )
+    json_schema = fields.Dict()
+
+
+class Reasoning(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    effort = fields.String(validate=validate.OneOf(("minimal", "low", "medium", "high")))
+    max_tokens = StrictInteger(validate=validate.Range(min=0))
+    exclude = StrictBoolean()
+    enabled = StrictBoolean()
+
+
+def _range(low: float, high: float, **inclusive: bool) -> validate.Range:
+    return validate.Range(min=low, max=high, **inclusive)
+
+
+class ChatCompletionRequest(Schema):
+    """OpenAI's chat-completions body plus OpenRouter's additions; unknown fields pass unchanged."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    model = NonEmptyString()
+    models = fields.List(NonEmptyString(), validate=validate.Length(min=1))
+    messages = messages_field()
+    stream = StrictBoolean()
+    stream_options = fields.Dict()
+    temperature = Number(validate=_range(0, 2))
+    top_p = Number(validate=_range(0, 1, min_inclusive=False))
+    top_k = StrictInteger(validate=validate.Range(min=0))
+    min_p = Number(validate=_range(0, 1))
+    top_a = Number(validate=_range(0, 1))
+    frequency_penalty = Number(validate=_range(-2, 2))
+    presence_penalty = Number(validate=_range(-2, 2))
+    repetition_penalty = Number(validate=_range(0, 2, min_inclusive=False))
+    max_tokens = StrictInteger(validate=validate.Range(min=1))
+    max_completion_tokens = StrictInteger(validate=validate.Range(min=1))
+    seed = StrictInteger()
+    stop = Stop()
+    n = StrictInteger(validate=validate.Range(min=1))
+    logit_bias = fields.Dict(keys=fields.String(), values=Number(validate=_range(-100, 100)))
+    logprobs = StrictBoolean()
+    top_logprobs = StrictInteger(validate=validate.Range(min=0, max=20))
+    response_format = fields.Nested(ResponseFormat)
+    tools = fields.List(fields.Nested(Tool))
+    tool_choice = ToolChoice()
+    parallel_tool_calls = StrictBoolean()
+    user = fields.String()
+    provider = fields.Dict()
+    transforms = fields.List(fields.String())
+    route = fields.String(validate=validate.OneOf(("fallback",)))
+    reasoning = fields.Nested(Reasoning)
+    usage = fields.Dict()
+    plugins = fields.List(fields.Dict())
+    prediction = fields.Dict()
+
+    @validates_schema
+    def names_a_model(self, body: dict[str, Any], **kwargs: Any) -> None:
+        if "model" not in body and "models" not in body:
+            raise ValidationError("Give a model, or a list of models to try in order.", "model")
 
 
 def load(schema: Schema, payload: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ReadTimeoutError
 
 from .config import Settings
 from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
@@ -49,19 +50,47 @@ class OpenRouter:
             )
         return ChatStream(response)
 
+    def complete_chat(self, payload: dict[str, Any], key: str) -> bytes:
+        """A whole (non-streamed) chat completion: OpenRouter's JSON, as it sent it."""
+        response = self._post("/chat/completions", payload, key)
+        completion = _json_body(response)
+        if not isinstance(completion, dict) or "choices" not in completion:
+            if isinstance(completion, dict) and isinstance(completion.get("error"), dict):
+                raise UpstreamError.from_body(completion["error"])
+            raise UpstreamProtocolError("OpenRouter sent a completion without choices")
+        return response.content
+
+    def list_models(self, key: str | None) -> list[dict[str, Any]]:
+        """OpenRouter's model list (its `data` array)."""
+        response = self._send("GET", "/models", None, key)
+        listing = _json_body(response)
+        if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
+            raise UpstreamProtocolError("OpenRouter sent a model list without data")
+        return listing["data"]
+
     def close(self) -> None:
         self.session.close()
 
     def _post(self, path: str, payload: dict[str, Any], key: str) -> requests.Response:
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-        headers = {
-            "Authorization": f"Bearer {key}",
-            "Content-Type": "application/json",
-            "Accept-Encoding": "identity",
-        }
+        return self._send("POST", path, body, key)
+
+    def _send(
+        self, method: str, path: str, body: bytes | None, key: str | None
+    ) -> requests.Response:
+        headers = {"Accept-Encoding": "identity"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         try:
-            response = self.session.post(
-                self.base_url + path, data=body, headers=headers, stream=True, timeout=self.timeout
+            response = self.session.request(
+                method,
+                self.base_url + path,
+                data=body,
+                headers=headers,
+                stream=True,
+                timeout=self.timeout,
             )
         except requests.Timeout as error:
             log.warning("upstream timed out before answering: %s", type(error).__name__)
@@ -92,20 +121,28 @@ def _error_from(response: requests.Response) -> UpstreamError:
     finally:
         response.close()
     status = response.status_code
-    message = code = None
-    try:
-        error = json.loads(raw)["error"]
-        message, code = str(error["message"]), error.get("code")
-    except (ValueError, KeyError, TypeError):
-        pass
-    if message is None:
-        log.warning("upstream answered %s without OpenRouter's error JSON", status)
-        message = f"OpenRouter answered with status {status}"
-    else:
-        log.info("upstream answered %s: %s", status, message)
     relay_status = status if 400 <= status <= 599 else 502
-    error = UpstreamError(message, status=relay_status, code=code)
+    try:
+        error = UpstreamError.from_body(json.loads(raw)["error"], relay_status)
+        log.info("upstream answered %s: %s", status, error.message)
+    except (ValueError, KeyError, TypeError):
+        log.warning("upstream answered %s without OpenRouter's error JSON", status)
+        error = UpstreamError(f"OpenRouter answered with status {status}", status=relay_status)
     retry_after = response.headers.get("Retry-After")
     if retry_after:
         error.headers["Retry-After"] = retry_after
     return error
+
+
+def _json_body(response: requests.Response) -> Any:
+    """The whole body parsed as JSON (OpenRouter may pad it with whitespace while it works)."""
+    try:
+        return json.loads(response.content)
+    except requests.RequestException as error:
+        if isinstance(error.args[0] if error.args else None, ReadTimeoutError):
+            raise UpstreamTimeout("OpenRouter went silent for too long") from None
+        raise UpstreamProtocolError("OpenRouter's answer was cut off") from None
+    except ValueError:
+        content_type = response.headers.get("Content-Type", "no content type")
+        log.warning("upstream answered 200 with a body that is not JSON (%s)", content_type)
+        raise UpstreamProtocolError(f"OpenRouter answered with {content_type}, not JSON") from None

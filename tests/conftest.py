@@ -35,15 +35,19 @@ def fake(fake_server: FakeOpenRouter) -> FakeOpenRouter:
     return fake_server
 
 
-@pytest.fixture
-def relay_env(fake: FakeOpenRouter) -> dict[str, str]:
-    """The environment of a relay pointed at the fake upstream with a server key."""
+def env_for(fake: FakeOpenRouter) -> dict[str, str]:
     return {
         "OPENROUTER_API_KEY": SERVER_KEY,
         "OPENROUTER_BASE_URL": fake.base_url,
         "UPSTREAM_CONNECT_TIMEOUT": "2",
         "UPSTREAM_READ_TIMEOUT": "5",
     }
+
+
+@pytest.fixture
+def relay_env(fake: FakeOpenRouter) -> dict[str, str]:
+    """The environment of a relay pointed at the fake upstream with a server key."""
+    return env_for(fake)
 
 
 @pytest.fixture
@@ -141,3 +145,11 @@ def start_relay(tmp_path: Path, relay_env: dict[str, str]) -> Iterator:
 @pytest.fixture
 def relay(start_relay) -> RelayProcess:
     return start_relay()
+
+
+@pytest.fixture(scope="module")
+def module_relay(fake_server: FakeOpenRouter, tmp_path_factory) -> Iterator[RelayProcess]:
+    """One gunicorn for a whole test module (tests that do not change its settings)."""
+    relay = RelayProcess(env_for(fake_server), tmp_path_factory.mktemp("relay") / "gunicorn.log")
+    yield relay.start()
+    relay.stop()

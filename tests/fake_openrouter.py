@@ -97,6 +97,7 @@ class FakeOpenRouter:
         self.connections = 0
         self.models: list[dict] = [dict(model) for model in DEFAULT_MODELS]
         self.models_status = 200
+        self.models_delay = 0.0
         self._scripts: dict[str, Scenario] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -149,6 +150,7 @@ class FakeOpenRouter:
             self.connections = 0
             self.models = [dict(model) for model in DEFAULT_MODELS]
             self.models_status = 200
+            self.models_delay = 0.0
 
     def requests_for(self, model: str) -> list[Received]:
         return [r for r in list(self.received) if _model_of(r.body) == model]
@@ -196,6 +198,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         received = self._receive(None)
         if self.path.split("?")[0] == "/api/v1/models":
+            self._pause(received, self.owner.models_delay)
             if self.owner.models_status != 200:
                 self._send_error(received, self.owner.models_status, "Models unavailable", None)
                 return

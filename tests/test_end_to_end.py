@@ -24,12 +24,12 @@ def body(model: str) -> dict:
     }
 
 
-def start_raw_stream(port: int, payload: dict) -> socket.socket:
+def start_raw_stream(port: int, payload: dict, path: str = ENDPOINT) -> socket.socket:
     """A bare HTTP/1.1 client socket that has sent a chat request (to close it at will)."""
     data = json.dumps(payload).encode()
     client = socket.create_connection(("127.0.0.1", port), timeout=10)
     client.sendall(
-        f"POST {ENDPOINT} HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(data)}\r\n\r\n".encode()
         + data
     )
