@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, request
 
 from .bodies import read_json_object
+from .disconnects import watch_for_disconnect
 from .errors import handle_errors_as, render_message
 from .keys import resolve_key
 from .presenters import commit_on_first_piece, present_as_text
@@ -28,5 +29,6 @@ def chat() -> Response:
     if chat_settings.get("temperature") is not None:
         upstream_payload["temperature"] = chat_settings["temperature"]
     stream = current_app.extensions["relay.openrouter"].open_chat_stream(upstream_payload, key)
+    stream.on_close(watch_for_disconnect(request.environ, stream.abandon))
     body = commit_on_first_piece(present_as_text(stream))
     return Response(body, content_type="text/plain; charset=utf-8", headers=STREAM_HEADERS)

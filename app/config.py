@@ -37,6 +37,16 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _count(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+    if value < 0:
+        raise ValueError("must be zero or more")
+    return value
+
+
 def _port(raw: str) -> int:
     value = _positive_int(raw)
     if value > 65535:
@@ -76,6 +86,9 @@ class Settings:
     openrouter_app_title: str = _setting("OPENROUTER_APP_TITLE", _text, "")
     upstream_connect_timeout: float = _setting("UPSTREAM_CONNECT_TIMEOUT", _positive_number, 10.0)
     upstream_read_timeout: float = _setting("UPSTREAM_READ_TIMEOUT", _positive_number, 300.0)
+    upstream_retries: int = _setting("UPSTREAM_RETRIES", _count, 2)
+    upstream_retry_backoff: float = _setting("UPSTREAM_RETRY_BACKOFF", _positive_number, 0.5)
+    retry_after_max: float = _setting("RETRY_AFTER_MAX", _positive_number, 10.0)
     max_request_bytes: int = _setting("MAX_REQUEST_BYTES", _positive_int, 20 * 1024 * 1024)
     heartbeat_interval: float = _setting("HEARTBEAT_INTERVAL", _positive_number, 15.0)
     models_cache_ttl: float = _setting("MODELS_CACHE_TTL", _positive_number, 300.0)

@@ -66,6 +66,7 @@ class UpstreamError(RelayError):
     ) -> None:
         super().__init__(message, status=status)
         self.code = code
+        self.retries = 0
 
     @classmethod
     def from_body(cls, error: object, status: int = 502) -> UpstreamError:
@@ -91,6 +92,14 @@ class UpstreamProtocolError(UpstreamError):
     """OpenRouter's answer does not follow its own protocol (not SSE, not JSON, cut short)."""
 
     message = "OpenRouter sent an invalid response"
+
+
+class ClientDisconnected(RelayError):
+    """The caller closed its connection before the answer was complete."""
+
+    status = 499
+    kind = "client_closed_request"
+    message = "The client closed the connection"
 
 
 class StreamCutOff(ConnectionResetError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import requests
@@ -13,11 +13,12 @@ from sseclient import SSEClient
 from urllib3.exceptions import HTTPError as TransportError
 from urllib3.exceptions import ReadTimeoutError
 
-from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from .errors import ClientDisconnected, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 
 log = logging.getLogger("relay")
 
 _READ_SIZE = 64 * 1024
+MAX_EVENT_BYTES = 8 * 1024 * 1024
 
 
 class ChatStream:
@@ -34,8 +35,19 @@ class ChatStream:
         self.generation_id: str | None = response.headers.get("X-Generation-Id")
         self.usage: dict[str, Any] | None = None
         self.done = False
+        self.abandoned = False
+        self.retries: int = getattr(response, "relay_retries", 0)
+        self._on_close: list[Callable[[], None]] = []
 
     def __iter__(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        try:
+            yield from self._chunks()
+        except UpstreamError:
+            if self.abandoned:
+                raise ClientDisconnected() from None
+            raise
+
+    def _chunks(self) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             for event in SSEClient(self._reads()).events():
                 if event.data == "[DONE]":
@@ -52,9 +64,25 @@ class ChatStream:
             raise UpstreamProtocolError("OpenRouter's stream was cut off") from None
         raise _protocol_error("an end without [DONE]", "OpenRouter's stream was cut off")
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Have `callback` called when the stream is closed."""
+        self._on_close.append(callback)
+
+    def abandon(self) -> None:
+        """The client went away: close the upstream now, from any thread or greenlet."""
+        if not self.abandoned and not self.done:
+            self.abandoned = True
+            log.info("client went away; closing the upstream connection")
+            self._release()
+
     def close(self) -> None:
         """Give the connection back to the pool after `[DONE]`; otherwise close it, which tells
         OpenRouter to stop generating. Safe to call from another thread than the reader's."""
+        while self._on_close:
+            self._on_close.pop()()
+        self._release()
+
+    def _release(self) -> None:
         raw = self._response.raw
         if self.done and raw.connection is not None:
             raw.drain_conn()  # the chunked terminator, normally already buffered
@@ -67,7 +95,12 @@ class ChatStream:
     def _reads(self) -> Iterator[bytes]:
         """The body as it arrives, one network read at a time (never waiting to fill a buffer)."""
         read = self._response.raw.read1
+        unterminated = 0  # bytes since the last event boundary: an event may not grow forever
         while data := read(_READ_SIZE):
+            boundary = data.rfind(b"\n\n")
+            unterminated = len(data) - boundary - 2 if boundary >= 0 else unterminated + len(data)
+            if unterminated > MAX_EVENT_BYTES:
+                raise _protocol_error(f"an event larger than {MAX_EVENT_BYTES} bytes")
             yield data
 
     def _interpret(self, data: str) -> dict[str, Any]:

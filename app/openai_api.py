@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from .bodies import read_json_object
+from .disconnects import watch_for_disconnect
 from .errors import RelayError, handle_errors_as, render_openai_error
 from .keys import resolve_key
 from .presenters import present_as_sse
@@ -29,6 +30,7 @@ def chat_completions() -> Response:
     if payload.get("stream"):
         payload.setdefault("usage", {"include": True})
         stream = openrouter.open_chat_stream(payload, key)
+        stream.on_close(watch_for_disconnect(request.environ, stream.abandon))
         interval = current_app.extensions["relay.settings"].heartbeat_interval
         return Response(
             present_as_sse(stream, interval), content_type="text/event-stream", headers=SSE_HEADERS

@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import Iterator
 
-from .errors import RelayError, StreamCutOff, error_kind
+from .errors import ClientDisconnected, RelayError, StreamCutOff, error_kind
 from .events import ChatStream
 from .heartbeats import HEARTBEAT, with_heartbeats
 
@@ -52,6 +52,8 @@ def _cut_off_on_failure(first: bytes | None, pieces: Iterator[bytes]) -> Iterato
         if first is not None:
             yield first
         yield from pieces
+    except ClientDisconnected:
+        return
     except RelayError as error:
         log.warning("cutting off the response after its first byte: %s", error.message)
         raise StreamCutOff(error.message) from None
@@ -74,6 +76,8 @@ def present_as_sse(stream: ChatStream, heartbeat_interval: float) -> Iterator[by
             else:
                 yield b"data: " + item[0].encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
+    except ClientDisconnected:
+        return
     except RelayError as error:
         log.warning("ending the event stream with an error event: %s", error.message)
         yield b"data: " + json.dumps(stream_error_body(error)).encode() + b"\n\n"

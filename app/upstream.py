@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import requests
@@ -16,6 +17,7 @@ from urllib3.exceptions import ReadTimeoutError
 from .config import Settings
 from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from .events import ChatStream
+from .retries import RetryPolicy
 
 log = logging.getLogger("relay")
 
@@ -36,6 +38,9 @@ class OpenRouter:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update(_attribution_headers(settings))
+        self.retry_policy = RetryPolicy(
+            settings.upstream_retries, settings.upstream_retry_backoff, settings.retry_after_max
+        )
 
     def open_chat_stream(self, payload: dict[str, Any], key: str) -> ChatStream:
         """Start a streamed chat completion; returns once OpenRouter has sent its headers."""
@@ -76,6 +81,31 @@ class OpenRouter:
         return self._send("POST", path, body, key)
 
     def _send(
+        self, method: str, path: str, body: bytes | None, key: str | None
+    ) -> requests.Response:
+        """One upstream call, retried while the retry policy allows; returns a 200 response."""
+        attempt = 0
+        while True:
+            try:
+                response = self._send_once(method, path, body, key)
+                response.relay_retries = attempt  # type: ignore[attr-defined]
+                return response
+            except UpstreamError as error:
+                delay = self.retry_policy.delay_before_retry(error, attempt)
+                if delay is None:
+                    error.retries = attempt
+                    raise
+                attempt += 1
+                log.warning(
+                    "retry %d of %d in %.2fs after: %s",
+                    attempt,
+                    self.retry_policy.retries,
+                    delay,
+                    error.message,
+                )
+                time.sleep(delay)
+
+    def _send_once(
         self, method: str, path: str, body: bytes | None, key: str | None
     ) -> requests.Response:
         headers = {"Accept-Encoding": "identity"}

@@ -41,6 +41,9 @@ def env_for(fake: FakeOpenRouter) -> dict[str, str]:
         "OPENROUTER_BASE_URL": fake.base_url,
         "UPSTREAM_CONNECT_TIMEOUT": "2",
         "UPSTREAM_READ_TIMEOUT": "5",
+        # Retries are off unless a test is about them: it keeps every other test's upstream view
+        # to exactly the calls it made.
+        "UPSTREAM_RETRIES": "0",
     }
 
 

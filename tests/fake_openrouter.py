@@ -65,6 +65,8 @@ class Scenario:
     raw_body: bytes | None = None
     raw_content_type: str = "text/html"
     split_writes: int | None = None
+    raw_events: list[bytes] = field(default_factory=list)  # sent verbatim after the tokens
+    drop_before_headers: bool = False
     send_usage: bool = True
     send_done: bool = True
 
@@ -81,6 +83,7 @@ class Received:
     finished: float | None = None
     client_gone: float | None = None
     completed: bool = False
+    tokens_sent: int = 0
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers.items():
@@ -98,7 +101,7 @@ class FakeOpenRouter:
         self.models: list[dict] = [dict(model) for model in DEFAULT_MODELS]
         self.models_status = 200
         self.models_delay = 0.0
-        self._scripts: dict[str, Scenario] = {}
+        self._scripts: dict[str, list[Scenario]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._ids = itertools.count(1)
@@ -140,8 +143,9 @@ class FakeOpenRouter:
         assert self._server, "start() the fake first"
         return f"http://127.0.0.1:{self._server.server_address[1]}/api/v1"
 
-    def script(self, model: str, scenario: Scenario) -> None:
-        self._scripts[model] = scenario
+    def script(self, model: str, *scenarios: Scenario) -> None:
+        """Answer `model`'s requests with these scenarios in turn; the last one then repeats."""
+        self._scripts[model] = list(scenarios)
 
     def reset(self) -> None:
         with self._lock:
@@ -164,7 +168,11 @@ class FakeOpenRouter:
         return predicate()
 
     def scenario_for(self, body: Any) -> Scenario:
-        return self._scripts.get(_model_of(body) or "", Scenario())
+        with self._lock:
+            scenarios = self._scripts.get(_model_of(body) or "")
+            if not scenarios:
+                return Scenario()
+            return scenarios.pop(0) if len(scenarios) > 1 else scenarios[0]
 
     def record(self, received: Received) -> None:
         with self._lock:
@@ -218,6 +226,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(received, 404, "Not Found", None)
             return
         scenario = self.owner.scenario_for(body)
+        if scenario.drop_before_headers:
+            self._drop()
         self._pause(received, scenario.headers_delay)
         if scenario.status != 200:
             headers = {"Retry-After": scenario.retry_after} if scenario.retry_after else {}
@@ -284,6 +294,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._pause(received, scenario.interval)
             delta = {"role": "assistant", "content": token} if index == 0 else {"content": token}
             self._event(received, scenario, self._chunk_of(model, [_choice(delta, None)]))
+            received.tokens_sent += 1
+        for raw in scenario.raw_events:
+            self._chunk(received, scenario, raw)
         end = len(scenario.tokens)
         if end in (scenario.stall_after, scenario.drop_after, scenario.error_after):
             handlers = {

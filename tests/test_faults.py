@@ -1,0 +1,289 @@
+"""Fault injection against the relay as deployed: every fault, both surfaces, a real gunicorn.
+
+For each fault: what the client sees, what the upstream saw, and that the worker goes on serving
+with no socket left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.fake_openrouter import Scenario
+from tests.test_end_to_end import start_raw_stream
+
+TEXT = "/api/chat/openrouter"
+SSE = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "Hello"}]
+READ_TIMEOUT = 1.0
+
+
+def payload(surface: str, model: str) -> dict:
+    if surface == TEXT:
+        return {"chatSettings": {"model": model}, "messages": MESSAGES}
+    return {"model": model, "messages": MESSAGES, "stream": True}
+
+
+def worker_pid(relay) -> int:
+    master = relay.process.pid
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def open_sockets(pid: int) -> int:
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise LookupError("VmRSS")
+
+
+@pytest.fixture(scope="module")
+def faulty_relay(fake_server, tmp_path_factory):
+    from tests.conftest import RelayProcess, env_for
+
+    env = {**env_for(fake_server), "UPSTREAM_READ_TIMEOUT": str(READ_TIMEOUT)}
+    relay = RelayProcess(env, tmp_path_factory.mktemp("faults") / "gunicorn.log")
+    yield relay.start()
+    relay.stop()
+
+
+BEFORE_FIRST_BYTE = {
+    "upstream-400": (Scenario(status=400, error_message="Bad model"), 400),
+    "upstream-401": (Scenario(status=401, error_message="No auth"), 401),
+    "upstream-402": (Scenario(status=402, error_message="No credits"), 402),
+    "upstream-403": (Scenario(status=403, error_message="Flagged"), 403),
+    "upstream-408": (Scenario(status=408, error_message="Timed out"), 408),
+    "upstream-429": (Scenario(status=429, error_message="Slow down"), 429),
+    "upstream-500": (Scenario(status=500, error_message="Oops"), 500),
+    "upstream-502": (Scenario(status=502, error_message="Model down"), 502),
+    "upstream-503": (Scenario(status=503, error_message="No provider"), 503),
+    "html-error-page": (Scenario(status=502, raw_body=b"<html>502 Bad Gateway</html>"), 502),
+    "200-not-sse": (Scenario(raw_body=b"<html>hello</html>"), 502),
+    "drop-before-headers": (Scenario(drop_before_headers=True), 502),
+    "slow-headers": (Scenario(headers_delay=READ_TIMEOUT * 3), 504),
+}
+
+AFTER_FIRST_BYTE = {
+    "drop-mid-stream": Scenario(tokens=["a", "b", "c"], drop_after=2),
+    "error-event": Scenario(tokens=["a", "b", "c"], error_after=2, error_message="Provider died"),
+    "error-event-string-code": Scenario(
+        tokens=["a", "b"], error_after=1, error_code="server_error"
+    ),
+    "stall": Scenario(tokens=["a", "b", "c"], stall_after=2),
+    "no-done": Scenario(tokens=["a", "b"], send_done=False),
+    "data-not-json": Scenario(tokens=["a", "b"], raw_events=[b"data: {not json\n\n"]),
+    "no-choices": Scenario(tokens=["a", "b"], raw_events=[b'data: {"id": "gen-1"}\n\n']),
+    "cut-in-utf8": Scenario(
+        tokens=["a", "b"],
+        raw_events=[b'data: {"choices":[{"index":0,"delta":{"content":"\xe2\x9c'],
+        drop_after=2,
+    ),
+    "oversized-event": Scenario(
+        tokens=["a", "b"], raw_events=[b"data: " + b"x" * (9 * 1024 * 1024) + b"\n\n"]
+    ),
+}
+
+
+@pytest.mark.parametrize("surface", [TEXT, SSE], ids=["text", "sse"])
+@pytest.mark.parametrize("fault", BEFORE_FIRST_BYTE, ids=str)
+def test_a_fault_before_the_first_byte_is_an_error_status(faulty_relay, fake, surface, fault):
+    scenario, status = BEFORE_FIRST_BYTE[fault]
+    fake.script("m/fault", scenario)
+    response = requests.post(
+        faulty_relay.url + surface, json=payload(surface, "m/fault"), timeout=30
+    )
+    assert response.status_code == status
+    answer = response.json()
+    if surface == TEXT:
+        assert set(answer) == {"message"} and answer["message"]
+    else:
+        assert set(answer["error"]) == {"message", "type", "code", "param"}
+    assert "Traceback" not in response.text
+
+
+@pytest.mark.parametrize("surface", [TEXT, SSE], ids=["text", "sse"])
+@pytest.mark.parametrize("fault", AFTER_FIRST_BYTE, ids=str)
+def test_a_fault_after_the_first_byte_never_looks_complete(faulty_relay, fake, surface, fault):
+    fake.script("m/fault", AFTER_FIRST_BYTE[fault])
+    started = time.monotonic()
+    body = b""
+    with requests.post(
+        faulty_relay.url + surface, json=payload(surface, "m/fault"), stream=True, timeout=30
+    ) as response:
+        assert response.status_code == 200
+        if surface == TEXT:
+            with pytest.raises(requests.exceptions.ChunkedEncodingError):
+                for piece in response.iter_content(chunk_size=None):
+                    body += piece
+            assert body.startswith(b"a")
+        else:
+            body = response.content
+            events = body.decode().split("\n\n")[:-1]
+            assert events[-1] != "data: [DONE]"
+            error = json.loads(events[-1].removeprefix("data: "))["error"]
+            assert set(error) == {"message", "type", "code"} and error["message"]
+    assert time.monotonic() - started < READ_TIMEOUT + 5
+    (upstream,) = fake.requests_for("m/fault")
+    # The relay let go of the upstream: it finished its script, dropped, or saw the relay close.
+    assert fake.wait_for(
+        lambda: upstream.finished is not None or upstream.client_gone is not None, 5
+    ) or fault.startswith(("drop", "cut"))
+
+
+def test_the_worker_keeps_serving_and_leaks_no_socket(faulty_relay, fake):
+    fake.script("m/ok", Scenario(tokens=["fine"]))
+
+    def healthy() -> None:
+        answer = requests.post(faulty_relay.url + TEXT, json=payload(TEXT, "m/ok"), timeout=10)
+        assert answer.text == "fine"
+
+    healthy()
+    pid = worker_pid(faulty_relay)
+    baseline = open_sockets(pid)
+    for scenario in AFTER_FIRST_BYTE.values():
+        fake.script("m/fault", scenario)
+        for surface in (TEXT, SSE):
+            with contextlib.suppress(requests.RequestException):
+                requests.post(
+                    faulty_relay.url + surface, json=payload(surface, "m/fault"), timeout=10
+                ).close()
+        healthy()
+    assert fake.wait_for(lambda: open_sockets(pid) <= baseline, 5), (baseline, open_sockets(pid))
+
+
+def test_a_stalled_upstream_is_cut_within_the_read_timeout_and_closed(faulty_relay, fake):
+    fake.script("m/stall", Scenario(tokens=["a", "b"], stall_after=1))
+    started = time.monotonic()
+    with contextlib.suppress(requests.exceptions.ChunkedEncodingError):
+        requests.post(faulty_relay.url + TEXT, json=payload(TEXT, "m/stall"), timeout=30)
+    assert time.monotonic() - started < READ_TIMEOUT + 2
+    (upstream,) = fake.requests_for("m/stall")
+    assert fake.wait_for(lambda: upstream.client_gone is not None, 3)
+
+
+@pytest.mark.parametrize("surface", [TEXT, SSE], ids=["text", "sse"])
+def test_a_client_that_vanishes_while_the_upstream_is_silent_closes_it(faulty_relay, fake, surface):
+    fake.script("m/silent", Scenario(tokens=["a", "b"], stall_after=1))
+    with start_raw_stream(faulty_relay.port, payload(surface, "m/silent"), path=surface) as client:
+        received = b""
+        while b"a" not in received.partition(b"\r\n\r\n")[2]:
+            received += client.recv(4096)
+    left = time.monotonic()
+    (upstream,) = fake.requests_for("m/silent")
+    assert fake.wait_for(lambda: upstream.client_gone is not None, 3)
+    assert upstream.client_gone - left < 1.0
+
+
+def test_a_slow_reader_holds_the_upstream_back_instead_of_filling_memory(faulty_relay, fake):
+    token = "x" * 1000
+    fake.script("m/firehose", Scenario(tokens=[token] * 30_000))
+    pid = worker_pid(faulty_relay)
+    before = rss_kib(pid)
+    with start_raw_stream(faulty_relay.port, payload(SSE, "m/firehose"), path=SSE) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for _ in range(20):
+            client.recv(64)
+            time.sleep(0.1)
+        (upstream,) = fake.requests_for("m/firehose")
+        sent = upstream.tokens_sent
+        grew = rss_kib(pid) - before
+    assert sent < 30_000 / 2, f"the relay read {sent} of 30000 tokens ahead of its client"
+    assert grew < 20_000, f"worker RSS grew by {grew} KiB"
+
+
+def test_upstream_connections_are_reused_across_requests(faulty_relay, fake):
+    fake.script("m/ok", Scenario(tokens=["fine"]))
+    for surface in (TEXT, SSE, TEXT, SSE, TEXT):
+        assert requests.post(
+            faulty_relay.url + surface, json=payload(surface, "m/ok"), timeout=10
+        ).ok
+    assert requests.post(faulty_relay.url + SSE, json={**payload(SSE, "m/ok"), "stream": False}).ok
+    assert fake.connections == 1
+
+
+def test_the_pool_keeps_a_connection_per_concurrent_stream(faulty_relay, fake):
+    fake.script("m/ok", Scenario(tokens=["a", "b", "c"], interval=0.1))
+
+    def burst() -> None:
+        threads = [
+            threading.Thread(
+                target=requests.post,
+                args=(faulty_relay.url + TEXT,),
+                kwargs={"json": payload(TEXT, "m/ok"), "timeout": 20},
+            )
+            for _ in range(30)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    burst()
+    after_first = fake.connections
+    burst()
+    assert after_first <= 30
+    assert fake.connections == after_first, "the second burst opened new upstream connections"
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_sigterm_lets_a_running_stream_finish_and_refuses_new_connections(start_relay, fake):
+    relay = start_relay(GRACEFUL_TIMEOUT="10")
+    tokens = [f"{i} " for i in range(10)]
+    fake.script("m/slow", Scenario(tokens=tokens, interval=0.3))
+    outcome: dict = {}
+
+    def chat() -> None:
+        try:
+            outcome["text"] = requests.post(
+                relay.url + TEXT, json=payload(TEXT, "m/slow"), timeout=30
+            ).text
+        except requests.RequestException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=chat)
+    thread.start()
+    assert fake.wait_for(lambda: bool(fake.requests_for("m/slow")), 5)
+    relay.process.send_signal(signal.SIGTERM)
+    # gunicorn's gevent worker notices the signal at its next once-a-second check.
+    assert fake.wait_for(lambda: refuses_connections(relay.port), 3)
+    thread.join(20)
+    assert outcome == {"text": "".join(tokens)}
+
+
+def test_streams_still_running_at_the_graceful_timeout_end_aborted(start_relay, fake):
+    relay = start_relay(GRACEFUL_TIMEOUT="1")
+    fake.script("m/endless", Scenario(tokens=["w "] * 1000, interval=0.05))
+    with requests.post(
+        relay.url + TEXT, json=payload(TEXT, "m/endless"), stream=True, timeout=30
+    ) as response:
+        pieces = response.iter_content(chunk_size=None)
+        next(pieces)
+        relay.process.send_signal(signal.SIGTERM)
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            for _ in pieces:
+                pass
