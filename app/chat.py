@@ -31,4 +31,5 @@ def chat() -> Response:
     stream = current_app.extensions["relay.openrouter"].open_chat_stream(upstream_payload, key)
     stream.on_close(watch_for_disconnect(request.environ, stream.abandon))
     body = commit_on_first_piece(present_as_text(stream))
-    return Response(body, content_type="text/plain; charset=utf-8", headers=STREAM_HEADERS)
+    headers = {**STREAM_HEADERS, "X-Generation-Id": stream.generation_id or ""}
+    return Response(body, content_type="text/plain; charset=utf-8", headers=headers)

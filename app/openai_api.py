@@ -32,8 +32,9 @@ def chat_completions() -> Response:
         stream = openrouter.open_chat_stream(payload, key)
         stream.on_close(watch_for_disconnect(request.environ, stream.abandon))
         interval = current_app.extensions["relay.settings"].heartbeat_interval
+        headers = {**SSE_HEADERS, "X-Generation-Id": stream.generation_id or ""}
         return Response(
-            present_as_sse(stream, interval), content_type="text/event-stream", headers=SSE_HEADERS
+            present_as_sse(stream, interval), content_type="text/event-stream", headers=headers
         )
     completion = openrouter.complete_chat(payload, key)
     return Response(completion.strip(), content_type="application/json")

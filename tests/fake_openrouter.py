@@ -84,6 +84,7 @@ class Received:
     client_gone: float | None = None
     completed: bool = False
     tokens_sent: int = 0
+    generation_id: str = ""
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers.items():
@@ -246,6 +247,7 @@ class _Handler(BaseHTTPRequestHandler):
         received = Received(
             self.command, self.path, dict(self.headers.items()), body, time.monotonic()
         )
+        received.generation_id = self._generation_id
         self.owner.record(received)
         return received
 

@@ -44,6 +44,7 @@ def test_the_reply_streams_back_as_plain_text(client, fake):
     assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
     assert response.headers["Cache-Control"] == "no-cache"
     assert response.headers["X-Accel-Buffering"] == "no"
+    assert response.headers["X-Generation-Id"] == fake.received[0].generation_id
     assert response.get_data(as_text=True) == "Hello there!"
 
 

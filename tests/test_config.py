@@ -25,6 +25,7 @@ def test_defaults_need_no_environment():
         ("OPENROUTER_BASE_URL", "openrouter.ai/api/v1", "must be an http:// or https:// URL"),
         ("OPENROUTER_BASE_URL", "http://host:notaport/", "has a malformed port"),
         ("MAX_REQUEST_BYTES", "1.5", "must be a whole number"),
+        ("UPSTREAM_RETRIES", "-1", "must be at least 0"),
         ("PORT", "70000", "must be a TCP port"),
     ],
 )
