@@ -29,3 +29,10 @@ accesslog = "-"
 errorlog = "-"
 # The control socket (gunicornc) is not used; one fixed path per user would clash between instances.
 control_socket_disable = True
+
+
+def worker_exit(server, worker):
+    """Write the usage rows still queued before the worker goes (a deploy's SIGTERM)."""
+    ledger = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("relay.ledger")
+    if ledger is not None and not ledger.flush(timeout=5):
+        server.log.error("usage ledger: %d rows not written at worker exit", ledger.depth)

@@ -23,15 +23,22 @@ def create_app(config: Mapping[str, str] | Settings | None = None) -> Flask:
     """
     from flask import Flask
 
-    from . import chat, health, openai_api, openapi
+    from . import chat, cli, health, openai_api, openapi
     from .catalog import ModelCatalog
+    from .database import engine_for
     from .errors import handle_errors_as, render_for_path
+    from .ledger import Ledger
+    from .profiles import ProfileStore
     from .upstream import OpenRouter
 
     settings = config if isinstance(config, Settings) else Settings.from_environ(config)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["relay.settings"] = settings
+    engine = engine_for(settings.database_url, app.instance_path)
+    app.extensions["relay.database"] = engine
+    app.extensions["relay.profiles"] = ProfileStore(engine, settings.secret_key)
+    app.extensions["relay.ledger"] = Ledger(engine, settings.ledger_queue_max)
     openrouter = OpenRouter(settings)
     app.extensions["relay.openrouter"] = openrouter
     app.extensions["relay.models"] = ModelCatalog(
@@ -44,6 +51,7 @@ def create_app(config: Mapping[str, str] | Settings | None = None) -> Flask:
     app.register_blueprint(chat.bp)
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(openapi.bp)
+    cli.register(app)
     app.json.sort_keys = False
     handle_errors_as(app, render_for_path)
     return app

@@ -7,7 +7,8 @@ from flask import Blueprint, Response, current_app, request
 from .bodies import read_json_object
 from .disconnects import watch_for_disconnect
 from .errors import handle_errors_as, render_message
-from .keys import resolve_key
+from .keys import resolve_caller
+from .ledger import UsageRow
 from .presenters import commit_on_first_piece, present_as_text
 from .schemas import ChatbotRequest, load
 
@@ -22,13 +23,23 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 @bp.post("/api/chat/openrouter")
 def chat() -> Response:
     payload = load(_chatbot_request, read_json_object(request))
-    settings = current_app.extensions["relay.settings"]
-    key = resolve_key(request, settings)
+    extensions = current_app.extensions
+    caller = resolve_caller(request, extensions["relay.settings"], extensions["relay.profiles"])
     chat_settings = payload["chatSettings"]
-    upstream_payload = {"model": chat_settings["model"], "messages": payload["messages"]}
+    caller.check_models([chat_settings["model"]])
+    upstream_payload = {
+        "model": chat_settings["model"],
+        "messages": payload["messages"],
+        "usage": {"include": True},
+    }
     if chat_settings.get("temperature") is not None:
         upstream_payload["temperature"] = chat_settings["temperature"]
-    stream = current_app.extensions["relay.openrouter"].open_chat_stream(upstream_payload, key)
+
+    ledger = extensions["relay.ledger"]
+    row = UsageRow(caller.name, "chatbot", chat_settings["model"])
+    with ledger.recording_failures(row):
+        stream = extensions["relay.openrouter"].open_chat_stream(upstream_payload, caller.key)
+    ledger.follow(stream, row)
     stream.on_close(watch_for_disconnect(request.environ, stream.abandon))
     body = commit_on_first_piece(present_as_text(stream))
     headers = {**STREAM_HEADERS, "X-Generation-Id": stream.generation_id or ""}

@@ -63,6 +63,33 @@ def _http_url(raw: str) -> str:
     return url
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _database_url(raw: str) -> str:
+    url = raw.strip()
+    scheme = url.split(":", 1)[0]
+    if scheme not in ("sqlite", "postgres", "postgresql", "postgresql+psycopg"):
+        raise ValueError("must be a sqlite:// or postgresql:// URL")
+    return url
+
+
 def _setting(env: str, parse: Callable[[str], Any], default: Any, *, secret: bool = False) -> Any:
     return field(
         default=default,
@@ -89,6 +116,11 @@ class Settings:
     max_request_bytes: int = _setting("MAX_REQUEST_BYTES", _positive_int, 20 * 1024 * 1024)
     heartbeat_interval: float = _setting("HEARTBEAT_INTERVAL", _positive_number, 15.0)
     models_cache_ttl: float = _setting("MODELS_CACHE_TTL", _positive_number, 300.0)
+    database_url: str = _setting("DATABASE_URL", _database_url, "", secret=True)
+    secret_key: str = _setting("SECRET_KEY", _text, "", secret=True)
+    auth_mode: str = _setting("AUTH_MODE", _choice("profiles", "open"), "profiles")
+    allow_client_keys: bool = _setting("ALLOW_CLIENT_KEYS", _flag, True)
+    ledger_queue_max: int = _setting("LEDGER_QUEUE_MAX", _positive_int, 10_000)
     port: int = _setting("PORT", _port, 8000)
     web_concurrency: int = _setting("WEB_CONCURRENCY", _positive_int, 2)
     worker_connections: int = _setting("WORKER_CONNECTIONS", _positive_int, 1000)

@@ -46,6 +46,32 @@ class PayloadTooLarge(BadRequest):
     status = 413
 
 
+class Unauthorized(RelayError):
+    """No valid profile token (or own OpenRouter key) came with the request."""
+
+    status = 401
+    kind = "authentication_error"
+
+
+class Forbidden(RelayError):
+    """The caller may not do this (a model outside its profile's patterns)."""
+
+    status = 403
+    kind = "permission_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class StorageUnavailable(RelayError):
+    """The profile store cannot be reached, so the caller cannot be checked."""
+
+    status = 503
+    kind = "server_error"
+    message = "The relay's profile store is unavailable; try again shortly"
+
+
 class KeyNotFound(RelayError):
     """No OpenRouter key is configured for this caller (chatbot-ui's wording and status)."""
 
@@ -157,7 +183,7 @@ def render_message(error: RelayError) -> Response:
 
 def render_openai_error(error: RelayError) -> Response:
     """OpenAI's error shape, so the SDKs raise the matching exception class."""
-    param = error.param if isinstance(error, BadRequest) else None
+    param = getattr(error, "param", None)
     body = {
         "error": {
             "message": error.message,

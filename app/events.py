@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,16 +37,29 @@ class ChatStream:
         self.usage: dict[str, Any] | None = None
         self.done = False
         self.abandoned = False
+        self.failure: UpstreamError | None = None
+        self.model_served: str | None = None
+        self.first_event_at: float | None = None
         self.retries: int = getattr(response, "relay_retries", 0)
         self._on_close: list[Callable[[], None]] = []
 
     def __iter__(self) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             yield from self._chunks()
-        except UpstreamError:
+        except UpstreamError as error:
             if self.abandoned:
                 raise ClientDisconnected() from None
+            self.failure = error
             raise
+
+    @property
+    def outcome(self) -> str:
+        """How the stream ended, as the usage ledger records it."""
+        if self.done:
+            return "completed"
+        if self.failure is not None and not self.abandoned:
+            return "timeout" if isinstance(self.failure, UpstreamTimeout) else "upstream_error"
+        return "client_aborted"
 
     def _chunks(self) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
@@ -119,6 +133,9 @@ class ChatStream:
             raise _stream_error(None)
         if chunk.get("usage"):
             self.usage = chunk["usage"]
+        if self.first_event_at is None:
+            self.first_event_at = time.monotonic()
+            self.model_served = chunk.get("model")
         return chunk
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from .bodies import read_json_object
 from .disconnects import watch_for_disconnect
-from .errors import RelayError, handle_errors_as, render_openai_error
-from .keys import resolve_key
+from .errors import BadRequest, RelayError, handle_errors_as, render_openai_error
+from .keys import resolve_caller
+from .ledger import UsageRow
 from .presenters import present_as_sse
+from .reports import caller_summary
 from .schemas import ChatCompletionRequest, load
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -25,19 +29,27 @@ handle_errors_as(bp, render_openai_error)
 def chat_completions() -> Response:
     payload = read_json_object(request)
     load(_chat_completion_request, payload)
-    key = resolve_key(request, current_app.extensions["relay.settings"])
-    openrouter = current_app.extensions["relay.openrouter"]
+    extensions = current_app.extensions
+    settings = extensions["relay.settings"]
+    caller = resolve_caller(request, settings, extensions["relay.profiles"])
+    caller.check_models(payload["models"] if "models" in payload else [payload["model"]])
+    openrouter = extensions["relay.openrouter"]
+    ledger = extensions["relay.ledger"]
+    row = UsageRow(caller.name, "openai", payload.get("model") or payload["models"][0])
+    payload.setdefault("usage", {"include": True})
     if payload.get("stream"):
-        payload.setdefault("usage", {"include": True})
-        stream = openrouter.open_chat_stream(payload, key)
+        with ledger.recording_failures(row):
+            stream = openrouter.open_chat_stream(payload, caller.key)
+        ledger.follow(stream, row)
         stream.on_close(watch_for_disconnect(request.environ, stream.abandon))
-        interval = current_app.extensions["relay.settings"].heartbeat_interval
         headers = {**SSE_HEADERS, "X-Generation-Id": stream.generation_id or ""}
-        return Response(
-            present_as_sse(stream, interval), content_type="text/event-stream", headers=headers
-        )
-    completion = openrouter.complete_chat(payload, key)
-    return Response(completion.strip(), content_type="application/json")
+        body = present_as_sse(stream, settings.heartbeat_interval)
+        return Response(body, content_type="text/event-stream", headers=headers)
+    with ledger.recording_failures(row):
+        raw, completion, retries = openrouter.complete_chat(payload, caller.key)
+    row.take_completion(completion, retries)
+    ledger.record(row)
+    return Response(raw.strip(), content_type="application/json")
 
 
 @bp.get("/models")
@@ -54,3 +66,20 @@ def retrieve_model(model_id: str) -> Response:
         error.kind = "invalid_request_error"
         raise error
     return jsonify(model)
+
+
+@bp.get("/usage")
+def usage_summary() -> Response:
+    """The calling profile's own totals, overall and by model and outcome."""
+    extensions = current_app.extensions
+    caller = resolve_caller(request, extensions["relay.settings"], extensions["relay.profiles"])
+    since = request.args.get("since")
+    try:
+        start = datetime.fromisoformat(since) if since else None
+    except ValueError:
+        raise BadRequest(
+            "since must be an ISO 8601 date or time", {"since": ["Not a date."]}
+        ) from None
+    if start is not None and start.tzinfo is None:
+        start = start.replace(tzinfo=UTC)
+    return jsonify(caller_summary(extensions["relay.database"], caller.name, start))

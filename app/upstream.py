@@ -55,15 +55,16 @@ class OpenRouter:
             )
         return ChatStream(response)
 
-    def complete_chat(self, payload: dict[str, Any], key: str) -> bytes:
-        """A whole (non-streamed) chat completion: OpenRouter's JSON, as it sent it."""
+    def complete_chat(self, payload: dict[str, Any], key: str) -> tuple[bytes, dict[str, Any], int]:
+        """A whole (non-streamed) chat completion: OpenRouter's JSON as it sent it, parsed, and
+        the number of retries it took."""
         response = self._post("/chat/completions", payload, key)
         completion = _json_body(response)
         if not isinstance(completion, dict) or "choices" not in completion:
             if isinstance(completion, dict) and isinstance(completion.get("error"), dict):
                 raise UpstreamError.from_body(completion["error"])
             raise UpstreamProtocolError("OpenRouter sent a completion without choices")
-        return response.content
+        return response.content, completion, response.relay_retries  # type: ignore[attr-defined]
 
     def list_models(self, key: str | None) -> list[dict[str, Any]]:
         """OpenRouter's model list (its `data` array)."""

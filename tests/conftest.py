@@ -35,8 +35,10 @@ def fake(fake_server: FakeOpenRouter) -> FakeOpenRouter:
     return fake_server
 
 
-def env_for(fake: FakeOpenRouter) -> dict[str, str]:
+def env_for(fake: FakeOpenRouter, database_url: str) -> dict[str, str]:
     return {
+        "AUTH_MODE": "open",
+        "DATABASE_URL": database_url,
         "OPENROUTER_API_KEY": SERVER_KEY,
         "OPENROUTER_BASE_URL": fake.base_url,
         "UPSTREAM_CONNECT_TIMEOUT": "2",
@@ -47,10 +49,31 @@ def env_for(fake: FakeOpenRouter) -> dict[str, str]:
     }
 
 
+def sqlite_url(folder: Path) -> str:
+    return f"sqlite:///{folder / 'relay.sqlite3'}"
+
+
+def migrate(database_url: str) -> None:
+    from app.database import engine_for
+    from app.migrations import upgrade
+
+    engine = engine_for(database_url, "")
+    upgrade(engine)
+    engine.dispose()
+
+
 @pytest.fixture
-def relay_env(fake: FakeOpenRouter) -> dict[str, str]:
-    """The environment of a relay pointed at the fake upstream with a server key."""
-    return env_for(fake)
+def database_url(tmp_path: Path) -> str:
+    """A migrated SQLite database of this test's own."""
+    url = sqlite_url(tmp_path)
+    migrate(url)
+    return url
+
+
+@pytest.fixture
+def relay_env(fake: FakeOpenRouter, database_url: str) -> dict[str, str]:
+    """The environment of a relay pointed at the fake upstream, with a server key, open mode."""
+    return env_for(fake, database_url)
 
 
 @pytest.fixture
@@ -94,8 +117,21 @@ class RelayProcess:
         self._log = None
         self.process: subprocess.Popen | None = None
 
+    def release(self) -> None:
+        """Run the Procfile's release command (the schema migrations), as a PaaS would."""
+        subprocess.run(
+            procfile_command("release"),
+            cwd=ROOT,
+            env=self._env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            check=True,
+            timeout=60,
+        )
+
     def start(self) -> RelayProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.release()
         self.process = subprocess.Popen(
             procfile_command(),
             cwd=ROOT,
@@ -153,6 +189,43 @@ def relay(start_relay) -> RelayProcess:
 @pytest.fixture(scope="module")
 def module_relay(fake_server: FakeOpenRouter, tmp_path_factory) -> Iterator[RelayProcess]:
     """One gunicorn for a whole test module (tests that do not change its settings)."""
-    relay = RelayProcess(env_for(fake_server), tmp_path_factory.mktemp("relay") / "gunicorn.log")
+    folder = tmp_path_factory.mktemp("relay")
+    relay = RelayProcess(env_for(fake_server, sqlite_url(folder)), folder / "gunicorn.log")
     yield relay.start()
     relay.stop()
+
+
+def reset_postgres(url: str) -> None:
+    """Drop the relay's tables so the next migration starts from an empty database."""
+    from sqlalchemy import text
+
+    from app.database import engine_for
+
+    engine = engine_for(url, "")
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS profiles, usage, schema_version"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path: Path) -> str:
+    """A migrated database on SQLite, and on PostgreSQL when DATABASE_URL names one."""
+    if request.param == "sqlite":
+        url = sqlite_url(tmp_path)
+    else:
+        url = os.environ.get("DATABASE_URL", "")
+        if not url.startswith(("postgres://", "postgresql")):
+            pytest.skip("DATABASE_URL does not name a PostgreSQL database")
+        reset_postgres(url)
+    migrate(url)
+    return url
+
+
+@pytest.fixture
+def profiles_env(fake: FakeOpenRouter, storage_url: str) -> dict[str, str]:
+    """A relay in profiles mode on the storage under test."""
+    return {
+        **env_for(fake, storage_url),
+        "AUTH_MODE": "profiles",
+        "SECRET_KEY": "test-secret-key-for-profile-keys",
+    }

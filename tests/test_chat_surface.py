@@ -57,6 +57,7 @@ def test_only_model_messages_temperature_and_stream_go_upstream(client, fake):
         "model": "openai/gpt-4o-mini",
         "messages": body["messages"],
         "temperature": 0.5,
+        "usage": {"include": True},
         "stream": True,
     }
     assert received.header("Authorization") == f"Bearer {SERVER_KEY}"

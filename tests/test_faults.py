@@ -57,10 +57,11 @@ def rss_kib(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def faulty_relay(fake_server, tmp_path_factory):
-    from tests.conftest import RelayProcess, env_for
+    from tests.conftest import RelayProcess, env_for, sqlite_url
 
-    env = {**env_for(fake_server), "UPSTREAM_READ_TIMEOUT": str(READ_TIMEOUT)}
-    relay = RelayProcess(env, tmp_path_factory.mktemp("faults") / "gunicorn.log")
+    folder = tmp_path_factory.mktemp("faults")
+    env = {**env_for(fake_server, sqlite_url(folder)), "UPSTREAM_READ_TIMEOUT": str(READ_TIMEOUT)}
+    relay = RelayProcess(env, folder / "gunicorn.log")
     yield relay.start()
     relay.stop()
 

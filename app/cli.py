@@ -1,0 +1,149 @@
+"""Command-line tools: `flask --app wsgi db|profiles|usage ...`."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC
+
+import click
+from flask import Flask, current_app
+from flask.cli import AppGroup
+
+from .migrations import LATEST, current_version, upgrade
+from .profiles import ProfileError, ProfileStore
+from .reports import usage_rows
+
+db = AppGroup("db", help="The database schema.")
+profiles = AppGroup("profiles", help="Who may call the relay, with which key and models.")
+usage = AppGroup("usage", help="The usage ledger.")
+
+
+def _store() -> ProfileStore:
+    return current_app.extensions["relay.profiles"]
+
+
+def _fail_on_profile_error(action):
+    def run(*args, **kwargs):
+        try:
+            return action(*args, **kwargs)
+        except ProfileError as error:
+            raise click.ClickException(str(error)) from None
+
+    run.__name__ = action.__name__
+    run.__doc__ = action.__doc__
+    return run
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the schema migrations the database has not seen yet."""
+    applied = upgrade(current_app.extensions["relay.database"])
+    for description in applied:
+        click.echo(f"applied migration {description}")
+    click.echo(f"schema at version {LATEST}")
+
+
+@db.command("version")
+def db_version() -> None:
+    """Print the schema's version."""
+    click.echo(current_version(current_app.extensions["relay.database"]))
+
+
+@profiles.command("create")
+@click.argument("name")
+@click.option("--openrouter-key-env", metavar="VAR", help="Read this profile's key from $VAR.")
+@click.option("--models", "models", multiple=True, metavar="PATTERN", help="Allowed models (glob).")
+@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute.")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Concurrent streams.")
+@click.option("--monthly-budget", type=click.FloatRange(min=0), metavar="USD")
+@_fail_on_profile_error
+def profiles_create(name, openrouter_key_env, models, rpm, concurrency, monthly_budget) -> None:
+    """Create a profile and print its token (shown this once, on the last line)."""
+    key = None
+    if openrouter_key_env:
+        key = os.environ.get(openrouter_key_env, "").strip()
+        if not key:
+            raise click.ClickException(f"${openrouter_key_env} is empty or not set")
+    token = _store().create(
+        name,
+        openrouter_key=key,
+        models=models,
+        rpm=rpm,
+        concurrency=concurrency,
+        monthly_budget=monthly_budget,
+    )
+    click.echo(f"created profile {name}; its token (shown once):")
+    click.echo(token)
+
+
+@profiles.command("list")
+def profiles_list() -> None:
+    """List profiles (never their tokens or keys)."""
+    for profile in _store().all():
+        click.echo(
+            f"{profile.name}\t{'enabled' if profile.enabled else 'disabled'}\t"
+            f"own key: {'yes' if profile.has_own_key else 'no'}\t"
+            f"models: {','.join(profile.models) or '*'}\trpm: {profile.rpm or '-'}\t"
+            f"concurrency: {profile.concurrency or '-'}\t"
+            f"budget: {profile.monthly_budget if profile.monthly_budget is not None else '-'}"
+        )
+
+
+@profiles.command("rotate")
+@click.argument("name")
+@_fail_on_profile_error
+def profiles_rotate(name) -> None:
+    """Give a profile a new token; the old one stops working at once."""
+    token = _store().rotate(name)
+    click.echo(f"new token for {name} (the old one no longer works):")
+    click.echo(token)
+
+
+@profiles.command("disable")
+@click.argument("name")
+@_fail_on_profile_error
+def profiles_disable(name) -> None:
+    """Refuse the profile's token until it is enabled again."""
+    _store().set_enabled(name, False)
+    click.echo(f"disabled {name}")
+
+
+@profiles.command("enable")
+@click.argument("name")
+@_fail_on_profile_error
+def profiles_enable(name) -> None:
+    """Accept the profile's token again."""
+    _store().set_enabled(name, True)
+    click.echo(f"enabled {name}")
+
+
+@profiles.command("delete")
+@click.argument("name")
+@_fail_on_profile_error
+def profiles_delete(name) -> None:
+    """Delete a profile (its usage stays in the ledger)."""
+    _store().delete(name)
+    click.echo(f"deleted {name}")
+
+
+@usage.command("report")
+@click.option("--since", type=click.DateTime(), help="Only usage from this date on (UTC).")
+@click.option("--profile", help="Only this profile (or byok:... id).")
+def usage_report(since, profile) -> None:
+    """Print totals per profile and model."""
+    since = since.replace(tzinfo=UTC) if since else None
+    rows = usage_rows(current_app.extensions["relay.database"], since=since, caller=profile)
+    click.echo(
+        f"{'profile':<24} {'model':<40} {'requests':>8} {'prompt':>10} "
+        f"{'completion':>10} {'cost USD':>12}"
+    )
+    for row in rows:
+        click.echo(
+            f"{row['caller']:<24} {row['model'] or '-':<40} {row['requests']:>8} "
+            f"{row['prompt_tokens']:>10} {row['completion_tokens']:>10} {row['cost']:>12.6f}"
+        )
+
+
+def register(app: Flask) -> None:
+    for group in (db, profiles, usage):
+        app.cli.add_command(group)

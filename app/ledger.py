@@ -1,0 +1,195 @@
+"""The usage ledger: one row per request that went upstream, written off the request's path.
+
+Rows go into a bounded queue that one writer drains in batches. When the database is away the
+writer keeps its batch and retries with back-off while the queue holds new rows; past the bound,
+rows are dropped and counted, and the drop is logged. No message content is ever recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from queue import Empty, Full, Queue
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from .database import usage
+from .errors import RelayError, UpstreamError, UpstreamTimeout
+from .events import ChatStream
+
+log = logging.getLogger("relay")
+
+_BATCH = 500
+
+
+@dataclass
+class UsageRow:
+    """What the ledger keeps of one request (never its messages)."""
+
+    caller: str
+    surface: str
+    model_requested: str | None
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    model_served: str | None = None
+    generation_id: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cost: float | None = None
+    outcome: str = "completed"
+    upstream_status: int | None = None
+    ttft_ms: float | None = None
+    duration_ms: float | None = None
+    retries: int = 0
+    started: float = field(default_factory=time.monotonic, repr=False)
+
+    def take_usage(self, usage_report: dict[str, Any] | None) -> None:
+        if not isinstance(usage_report, dict):
+            return
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            if isinstance(usage_report.get(name), int):
+                setattr(self, name, usage_report[name])
+        if isinstance(usage_report.get("cost"), int | float):
+            self.cost = float(usage_report["cost"])
+
+    def take_stream(self, stream: ChatStream) -> None:
+        self.generation_id = stream.generation_id
+        self.model_served = stream.model_served
+        self.take_usage(stream.usage)
+        self.outcome = stream.outcome
+        self.upstream_status = 200
+        self.retries = stream.retries
+        if stream.first_event_at is not None:
+            self.ttft_ms = round((stream.first_event_at - self.started) * 1000, 1)
+
+    def take_completion(self, completion: dict[str, Any], retries: int) -> None:
+        self.generation_id = completion.get("id")
+        self.model_served = completion.get("model")
+        self.take_usage(completion.get("usage"))
+        self.upstream_status = 200
+        self.retries = retries
+
+    def take_failure(self, error: RelayError) -> None:
+        self.outcome = "timeout" if isinstance(error, UpstreamTimeout) else "upstream_error"
+        self.upstream_status = error.status
+        self.retries = getattr(error, "retries", 0)
+
+    def finish(self) -> dict[str, Any]:
+        self.duration_ms = round((time.monotonic() - self.started) * 1000, 1)
+        row = asdict(self)
+        del row["started"]
+        return row
+
+
+class Ledger:
+    """Accepts rows without ever blocking the caller; one writer thread persists them."""
+
+    def __init__(self, engine: Engine, max_queued: int) -> None:
+        self.engine = engine
+        self.max_queued = max_queued
+        self.dropped = 0
+        self.written = 0
+        self._queue: Queue = Queue(maxsize=max_queued)
+        self._writer: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._counts = threading.Lock()
+        self._pending = 0
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def record(self, row: UsageRow) -> None:
+        """Queue the row; if the queue is full, drop it and say so."""
+        try:
+            with self._counts:
+                self._queue.put_nowait(row.finish())
+                self._pending += 1
+        except Full:
+            self.dropped += 1
+            log.error(
+                "usage ledger full (%d rows waiting): dropped a row for %s (%d dropped so far)",
+                self.max_queued,
+                row.caller,
+                self.dropped,
+            )
+        self._ensure_writer()
+
+    @contextmanager
+    def recording_failures(self, row: UsageRow) -> Iterator[None]:
+        """Record `row` if the upstream call in this block fails before its answer begins."""
+        try:
+            yield
+        except UpstreamError as error:
+            row.take_failure(error)
+            self.record(row)
+            raise
+
+    def follow(self, stream: ChatStream, row: UsageRow) -> None:
+        """Record `row` with the stream's outcome, tokens and cost when the stream closes."""
+
+        def record() -> None:
+            row.take_stream(stream)
+            self.record(row)
+
+        stream.on_close(record)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued row is written; False if that took longer than `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._pending
+
+    def _ensure_writer(self) -> None:
+        if self._writer is None:
+            with self._start_lock:
+                if self._writer is None:
+                    self._writer = threading.Thread(
+                        target=self._write_forever, name="usage-ledger", daemon=True
+                    )
+                    self._writer.start()
+
+    def _write_forever(self) -> None:
+        batch: list[dict[str, Any]] = []
+        failures = 0
+        while True:
+            if not batch:
+                try:
+                    batch.append(self._queue.get(timeout=1.0))
+                except Empty:
+                    continue
+            while len(batch) < _BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except Empty:
+                    break
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(usage.insert(), batch)
+            except SQLAlchemyError as error:
+                failures += 1
+                delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                log.warning(
+                    "usage ledger cannot write %d rows (%s); retrying in %.1fs, %d more waiting",
+                    len(batch),
+                    type(error).__name__,
+                    delay,
+                    self.depth,
+                )
+                time.sleep(delay)
+                continue
+            if failures:
+                log.info("usage ledger writing again after %d failed attempts", failures)
+            failures = 0
+            with self._counts:
+                self.written += len(batch)
+                self._pending -= len(batch)
+            batch = []

@@ -1,0 +1,167 @@
+"""Profiles: who is calling, with which OpenRouter key and which models; their tokens."""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import hashlib
+import hmac
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from sqlalchemy import Engine, delete, select, update
+from sqlalchemy.exc import IntegrityError
+
+from .database import profiles
+
+TOKEN_PREFIX = "orr_"
+
+
+class ProfileError(Exception):
+    """A profile command cannot be carried out; the message says why."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    id: int
+    name: str
+    models: tuple[str, ...]
+    rpm: int | None
+    concurrency: int | None
+    monthly_budget: float | None
+    enabled: bool
+    has_own_key: bool
+    created_at: datetime
+
+    def allows(self, model: str) -> bool:
+        """Whether this profile may use `model` (no patterns: every model)."""
+        return not self.models or any(fnmatch.fnmatchcase(model, p) for p in self.models)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    """A token of 256 random bits; it is shown once and only its hash is kept."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+class KeyBox:
+    """Encrypts profiles' OpenRouter keys with a key derived from SECRET_KEY."""
+
+    def __init__(self, secret_key: str) -> None:
+        self._fernet: Fernet | None = None
+        if secret_key:
+            derived = HKDF(
+                algorithm=hashes.SHA256(), length=32, salt=None, info=b"openrouter-relay keys"
+            ).derive(secret_key.encode())
+            self._fernet = Fernet(base64.urlsafe_b64encode(derived))
+
+    def seal(self, key: str) -> str:
+        if self._fernet is None:
+            raise ProfileError("SECRET_KEY must be set to store a profile's OpenRouter key")
+        return self._fernet.encrypt(key.encode()).decode()
+
+    def open(self, sealed: str) -> str | None:
+        """The key, or None when SECRET_KEY is missing or not the one it was sealed with."""
+        if self._fernet is None:
+            return None
+        try:
+            return self._fernet.decrypt(sealed.encode()).decode()
+        except InvalidToken:
+            return None
+
+
+class ProfileStore:
+    """Profiles in the database: the CLI's commands and the per-request token check."""
+
+    def __init__(self, engine: Engine, secret_key: str) -> None:
+        self.engine = engine
+        self.keys = KeyBox(secret_key)
+
+    def create(
+        self,
+        name: str,
+        *,
+        openrouter_key: str | None = None,
+        models: tuple[str, ...] = (),
+        rpm: int | None = None,
+        concurrency: int | None = None,
+        monthly_budget: float | None = None,
+    ) -> str:
+        """Create a profile; returns its token (the only time it is ever shown)."""
+        token = new_token()
+        row = {
+            "name": name,
+            "token_hash": hash_token(token),
+            "openrouter_key": self.keys.seal(openrouter_key) if openrouter_key else None,
+            "models": json.dumps(list(models)),
+            "rpm": rpm,
+            "concurrency": concurrency,
+            "monthly_budget": monthly_budget,
+            "enabled": True,
+            "created_at": datetime.now(UTC),
+        }
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(profiles.insert().values(**row))
+        except IntegrityError:
+            raise ProfileError(f"a profile named {name!r} already exists") from None
+        return token
+
+    def all(self) -> list[Profile]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(profiles).order_by(profiles.c.name)).all()
+        return [_profile(row) for row in rows]
+
+    def rotate(self, name: str) -> str:
+        """Give the profile a new token; the old one stops working at once."""
+        token = new_token()
+        self._update(name, token_hash=hash_token(token))
+        return token
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        self._update(name, enabled=enabled)
+
+    def delete(self, name: str) -> None:
+        with self.engine.begin() as connection:
+            if not connection.execute(delete(profiles).where(profiles.c.name == name)).rowcount:
+                raise ProfileError(f"no profile named {name!r}")
+
+    def authenticate(self, token: str) -> tuple[Profile, str | None] | None:
+        """The enabled profile holding `token`, with its own OpenRouter key if it has one."""
+        wanted = hash_token(token)
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(profiles).where(profiles.c.token_hash == wanted)
+            ).first()
+        if row is None or not hmac.compare_digest(row.token_hash, wanted) or not row.enabled:
+            return None
+        key = self.keys.open(row.openrouter_key) if row.openrouter_key else None
+        return _profile(row), key
+
+    def _update(self, name: str, **values: object) -> None:
+        with self.engine.begin() as connection:
+            statement = update(profiles).where(profiles.c.name == name).values(**values)
+            if not connection.execute(statement).rowcount:
+                raise ProfileError(f"no profile named {name!r}")
+
+
+def _profile(row) -> Profile:
+    return Profile(
+        id=row.id,
+        name=row.name,
+        models=tuple(json.loads(row.models or "[]")),
+        rpm=row.rpm,
+        concurrency=row.concurrency,
+        monthly_budget=row.monthly_budget,
+        enabled=row.enabled,
+        has_own_key=row.openrouter_key is not None,
+        created_at=row.created_at,
+    )

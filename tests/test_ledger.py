@@ -1,0 +1,202 @@
+"""The usage ledger: exactly one correct row per request that went upstream, whatever happened."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from sqlalchemy import select
+
+from app import create_app
+from app.database import usage
+from tests.fake_openrouter import Scenario
+from tests.tcp_proxy import TcpProxy
+
+SECRET_WORDS = "my deepest secret"
+MESSAGES = [{"role": "user", "content": SECRET_WORDS}]
+
+
+@pytest.fixture
+def app(profiles_env):
+    return create_app(profiles_env)
+
+
+@pytest.fixture
+def token(app) -> str:
+    output = app.test_cli_runner().invoke(args=["profiles", "create", "team-a"]).output
+    return output.strip().splitlines()[-1]
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def rows(app) -> list[dict]:
+    assert app.extensions["relay.ledger"].flush(10)
+    with app.extensions["relay.database"].connect() as connection:
+        return [dict(row._mapping) for row in connection.execute(select(usage))]
+
+
+def test_a_completed_stream_on_each_surface_leaves_one_complete_row(app, token, fake):
+    fake.script("openai/gpt-4o-mini", Scenario(tokens=["a", "b", "c"]))
+    client = app.test_client()
+    body = {"chatSettings": {"model": "openai/gpt-4o-mini"}, "messages": MESSAGES}
+    client.post("/api/chat/openrouter", json=body, headers=auth(token)).get_data()
+    body = {"model": "openai/gpt-4o-mini", "messages": MESSAGES}
+    client.post(
+        "/v1/chat/completions", json={**body, "stream": True}, headers=auth(token)
+    ).get_data()
+    client.post("/v1/chat/completions", json=body, headers=auth(token)).get_data()
+    recorded = rows(app)
+    assert [row["surface"] for row in recorded] == ["chatbot", "openai", "openai"]
+    generation_ids = [request.generation_id for request in fake.received]
+    for row, generation_id in zip(recorded, generation_ids, strict=True):
+        assert row["caller"] == "team-a"
+        assert row["outcome"] == "completed"
+        assert row["model_requested"] == row["model_served"] == "openai/gpt-4o-mini"
+        assert row["generation_id"] == generation_id
+        assert row["completion_tokens"] == 3
+        assert row["total_tokens"] == row["prompt_tokens"] + 3
+        assert row["cost"] == pytest.approx(row["total_tokens"] * 0.00001)
+        assert row["upstream_status"] == 200
+        assert row["retries"] == 0
+        assert row["duration_ms"] > 0
+    assert recorded[0]["ttft_ms"] > 0 and recorded[1]["ttft_ms"] > 0
+    assert SECRET_WORDS not in json.dumps(recorded, default=str)
+
+
+def test_an_aborted_stream_leaves_one_client_aborted_row(app, token, fake):
+    fake.script("m/long", Scenario(tokens=["w "] * 500, interval=0.01))
+    body = {"model": "m/long", "messages": MESSAGES, "stream": True}
+    response = app.test_client().post(
+        "/v1/chat/completions", json=body, headers=auth(token), buffered=False
+    )
+    pieces = iter(response.response)
+    next(pieces)
+    next(pieces)
+    response.close()
+    (row,) = rows(app)
+    assert row["outcome"] == "client_aborted"
+    assert row["upstream_status"] == 200
+
+
+@pytest.mark.parametrize(
+    ("scenario", "outcome", "status"),
+    [
+        (Scenario(tokens=["a", "b"], error_after=1), "upstream_error", 200),
+        (Scenario(status=503, error_message="No provider"), "upstream_error", 503),
+        (Scenario(tokens=["a", "b"], stall_after=1), "timeout", 200),
+        (Scenario(headers_delay=3), "timeout", 504),
+    ],
+    ids=["mid-stream-error", "status-503", "stall", "no-headers"],
+)
+def test_a_failed_stream_leaves_one_row_saying_how(profiles_env, fake, scenario, outcome, status):
+    app = create_app({**profiles_env, "UPSTREAM_READ_TIMEOUT": "0.5"})
+    runner = app.test_cli_runner()
+    token = runner.invoke(args=["profiles", "create", "t"]).output.strip().splitlines()[-1]
+    fake.script("m/bad", scenario)
+    body = {"chatSettings": {"model": "m/bad"}, "messages": MESSAGES}
+    response = app.test_client().post("/api/chat/openrouter", json=body, headers=auth(token))
+    with contextlib.suppress(ConnectionResetError):  # a cut-off text stream
+        response.get_data()
+    (row,) = rows(app)
+    assert (row["outcome"], row["upstream_status"]) == (outcome, status)
+
+
+def test_refused_requests_never_went_upstream_and_leave_no_row(app, token, fake):
+    client = app.test_client()
+    client.post("/v1/chat/completions", json={"messages": MESSAGES, "model": "x"})
+    client.post("/v1/chat/completions", json={"messages": []}, headers=auth(token))
+    assert fake.received == []
+    assert rows(app) == []
+
+
+def test_the_usage_report_and_endpoint_total_by_profile_model_and_outcome(app, token, fake):
+    client = app.test_client()
+    fake.script("m/fail", Scenario(status=502))
+    for model in ("openai/gpt-4o-mini", "openai/gpt-4o-mini", "anthropic/claude-3.5-sonnet"):
+        body = {"model": model, "messages": MESSAGES}
+        client.post("/v1/chat/completions", json=body, headers=auth(token))
+    client.post(
+        "/v1/chat/completions", json={"model": "m/fail", "messages": MESSAGES}, headers=auth(token)
+    )
+    rows(app)
+    report = app.test_cli_runner().invoke(args=["usage", "report", "--profile", "team-a"]).output
+    lines = [line.split() for line in report.strip().splitlines()[1:]]
+    assert [(line[0], line[1], line[2]) for line in lines] == [
+        ("team-a", "anthropic/claude-3.5-sonnet", "1"),
+        ("team-a", "m/fail", "1"),
+        ("team-a", "openai/gpt-4o-mini", "2"),
+    ]
+    summary = client.get("/v1/usage?since=2020-01-01", headers=auth(token)).get_json()
+    assert summary["requests"] == 4
+    assert summary["by_model"]["openai/gpt-4o-mini"]["requests"] == 2
+    assert summary["by_outcome"] == {
+        "completed": {**summary["by_outcome"]["completed"], "requests": 3},
+        "upstream_error": {**summary["by_outcome"]["upstream_error"], "requests": 1},
+    }
+    assert summary["completion_tokens"] == 12
+    assert client.get("/v1/usage?since=yesterday", headers=auth(token)).status_code == 400
+    assert client.get("/v1/usage").status_code == 401
+
+
+def test_an_unreachable_database_never_fails_a_chat_and_drops_are_bounded(
+    relay_env, fake, caplog, tmp_path
+):
+    env = {
+        **relay_env,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'missing' / 'dir' / 'relay.sqlite3'}",
+        "LEDGER_QUEUE_MAX": "3",
+    }
+    app = create_app(env)
+    client = app.test_client()
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        for _ in range(8):
+            body = {"model": "m/ok", "messages": MESSAGES}
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+    ledger = app.extensions["relay.ledger"]
+    assert ledger.dropped >= 4
+    assert ledger.depth <= 3
+    assert "usage ledger full" in caplog.text
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DATABASE_URL", "").startswith(("postgres", "postgresql")),
+    reason="needs DATABASE_URL naming a PostgreSQL database",
+)
+def test_the_database_going_away_mid_run_fails_no_chat_and_loses_no_row(fake, tmp_path):
+    from tests.conftest import env_for, migrate, reset_postgres
+
+    real = urlsplit(os.environ["DATABASE_URL"])
+    proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 5432)).up()
+    netloc = (
+        f"{real.username}@127.0.0.1:{proxy.port}" if real.username else f"127.0.0.1:{proxy.port}"
+    )
+    url = urlunsplit(real._replace(netloc=netloc))
+    reset_postgres(url)
+    migrate(url)
+    app = create_app(env_for(fake, url))
+    client = app.test_client()
+    body = {"model": "m/ok", "messages": MESSAGES}
+
+    def chat() -> None:
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+    try:
+        chat()
+        assert app.extensions["relay.ledger"].flush(10)
+        proxy.down()
+        for _ in range(5):
+            chat()
+        assert not app.extensions["relay.ledger"].flush(1.5)
+        proxy.up()
+        chat()
+        assert app.extensions["relay.ledger"].flush(60)
+        assert len(rows(app)) == 7
+        assert app.extensions["relay.ledger"].dropped == 0
+    finally:
+        proxy.down()

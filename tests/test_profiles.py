@@ -1,0 +1,220 @@
+"""Profiles, tokens and keys: the CLI, 401/403 on both surfaces, key precedence, BYOK."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from app import create_app
+from app.database import profiles
+from tests.conftest import ROOT, SERVER_KEY
+
+PROFILE_KEY = "sk-or-v1-profile-key-abcdef0123456789"
+CLIENT_KEY = "sk-or-v1-client-own-key-9876543210"
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture
+def app(profiles_env):
+    return create_app(profiles_env)
+
+
+@pytest.fixture
+def cli(app):
+    runner = app.test_cli_runner()
+
+    def run(*args: str, env: dict | None = None) -> str:
+        result = runner.invoke(args=list(args), env=env)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    return run
+
+
+def token_of(output: str) -> str:
+    return output.strip().splitlines()[-1]
+
+
+def chatbot(client, token=None, model="openai/gpt-4o-mini"):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body = {"chatSettings": {"model": model}, "messages": MESSAGES}
+    return client.post("/api/chat/openrouter", json=body, headers=headers)
+
+
+def openai_call(client, token=None, **body):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body = {"model": "openai/gpt-4o-mini", "messages": MESSAGES, **body}
+    return client.post("/v1/chat/completions", json=body, headers=headers)
+
+
+def test_create_prints_the_token_alone_on_its_last_line(cli, app):
+    token = token_of(cli("profiles", "create", "team-a", "--models", "openai/*", "--rpm", "60"))
+    assert token.startswith("orr_") and len(token) > 40 and " " not in token
+    with app.extensions["relay.database"].connect() as connection:
+        row = connection.execute(select(profiles)).one()
+    assert row.token_hash == hashlib.sha256(token.encode()).hexdigest()
+    assert token not in str(tuple(row))
+
+
+def test_list_never_shows_a_token_or_a_key(cli):
+    token = token_of(
+        cli(
+            "profiles",
+            "create",
+            "team-a",
+            "--openrouter-key-env",
+            "TEAM_KEY",
+            env={"TEAM_KEY": PROFILE_KEY},
+        )
+    )
+    listing = cli("profiles", "list")
+    assert "team-a" in listing and "own key: yes" in listing
+    assert token not in listing and PROFILE_KEY not in listing
+
+
+def test_a_profile_key_is_stored_encrypted(cli, app):
+    cli(
+        "profiles",
+        "create",
+        "team-a",
+        "--openrouter-key-env",
+        "TEAM_KEY",
+        env={"TEAM_KEY": PROFILE_KEY},
+    )
+    with app.extensions["relay.database"].connect() as connection:
+        stored = connection.execute(select(profiles.c.openrouter_key)).scalar()
+    assert stored and PROFILE_KEY not in stored
+
+
+def test_a_profile_key_is_refused_without_a_secret_key(profiles_env):
+    app = create_app({**profiles_env, "SECRET_KEY": ""})
+    result = app.test_cli_runner().invoke(
+        args=["profiles", "create", "team-a", "--openrouter-key-env", "TEAM_KEY"],
+        env={"TEAM_KEY": PROFILE_KEY},
+    )
+    assert result.exit_code != 0
+    assert "SECRET_KEY must be set" in result.output
+
+
+def test_requests_need_a_valid_enabled_token_on_both_surfaces(cli, app, fake):
+    client = app.test_client()
+    for token in (None, "orr_not-a-real-token"):
+        response = chatbot(client, token)
+        assert response.status_code == 401
+        assert set(response.get_json()) == {"message"}
+        response = openai_call(client, token)
+        assert response.status_code == 401
+        assert response.get_json()["error"]["type"] == "authentication_error"
+    token = token_of(cli("profiles", "create", "team-a"))
+    assert chatbot(client, token).status_code == 200
+    cli("profiles", "disable", "team-a")
+    assert chatbot(client, token).status_code == 401
+    cli("profiles", "enable", "team-a")
+    assert openai_call(client, token).status_code == 200
+    assert len(fake.received) == 2
+
+
+def test_rotate_kills_the_old_token_at_once(cli, app):
+    client = app.test_client()
+    old = token_of(cli("profiles", "create", "team-a"))
+    new = token_of(cli("profiles", "rotate", "team-a"))
+    assert chatbot(client, old).status_code == 401
+    assert chatbot(client, new).status_code == 200
+
+
+def test_delete_removes_the_profile(cli, app):
+    token = token_of(cli("profiles", "create", "team-a"))
+    cli("profiles", "delete", "team-a")
+    assert chatbot(app.test_client(), token).status_code == 401
+    assert "team-a" not in cli("profiles", "list")
+
+
+def test_key_precedence_own_key_then_profile_key_then_server_key(cli, app, fake):
+    client = app.test_client()
+    with_key = token_of(
+        cli("profiles", "create", "payer", "--openrouter-key-env", "K", env={"K": PROFILE_KEY})
+    )
+    without_key = token_of(cli("profiles", "create", "free-rider"))
+    chatbot(client, CLIENT_KEY).get_data()
+    chatbot(client, with_key).get_data()
+    chatbot(client, without_key).get_data()
+    sent = [request.header("Authorization") for request in fake.received]
+    assert sent == [f"Bearer {CLIENT_KEY}", f"Bearer {PROFILE_KEY}", f"Bearer {SERVER_KEY}"]
+
+
+def test_without_any_key_the_seed_message_comes_back(cli, profiles_env):
+    app = create_app({**profiles_env, "OPENROUTER_API_KEY": ""})
+    token = token_of(app.test_cli_runner().invoke(args=["profiles", "create", "t"]).output)
+    response = chatbot(app.test_client(), token)
+    assert response.status_code == 500
+    assert response.get_json() == {
+        "message": "OpenRouter API Key not found. Please set it in your profile settings."
+    }
+
+
+def test_client_keys_can_be_turned_off(profiles_env, fake):
+    client = create_app({**profiles_env, "ALLOW_CLIENT_KEYS": "false"}).test_client()
+    assert chatbot(client, CLIENT_KEY).status_code == 401
+    assert fake.received == []
+
+
+def test_a_model_outside_the_profile_patterns_is_a_403_naming_it(cli, app, fake):
+    client = app.test_client()
+    token = token_of(
+        cli(
+            "profiles",
+            "create",
+            "t",
+            "--models",
+            "openai/*",
+            "--models",
+            "anthropic/claude-3.5-sonnet",
+        )
+    )
+    assert chatbot(client, token, model="openai/gpt-4o").status_code == 200
+    assert openai_call(client, token, model="anthropic/claude-3.5-sonnet").status_code == 200
+    response = chatbot(client, token, model="google/gemini-pro")
+    assert response.status_code == 403
+    assert "google/gemini-pro" in response.get_json()["message"]
+    body = {"models": ["openai/gpt-4o", "meta/llama-3-70b"], "messages": MESSAGES}
+    headers = {"Authorization": f"Bearer {token}"}
+    response = client.post("/v1/chat/completions", json=body, headers=headers)
+    assert response.status_code == 403, response.get_json()
+    error = response.get_json()["error"]
+    assert "meta/llama-3-70b" in error["message"] and error["param"] == "model"
+    assert error["type"] == "permission_error"
+    assert len(fake.received) == 2
+
+
+def test_the_cli_end_to_end_through_flask_and_wsgi(tmp_path: Path):
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'cli.sqlite3'}",
+    }
+
+    def flask(*args: str) -> str:
+        result = subprocess.run(
+            ["flask", "--app", "wsgi", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "applied migration 1" in flask("db", "upgrade")
+    token = token_of(flask("profiles", "create", "cli-team", "--models", "openai/*"))
+    assert token.startswith("orr_")
+    assert "cli-team" in flask("profiles", "list")
+    assert token_of(flask("profiles", "rotate", "cli-team")) != token
+    flask("profiles", "delete", "cli-team")
+    assert flask("db", "version").strip() == "1"
