@@ -145,9 +145,11 @@ class RelayProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited: {self.log()}")
             try:
-                if requests.get(self.url + "/healthz", timeout=1).ok:
+                # The master accepts before its worker has imported the app: under load that
+                # takes seconds, so a slow answer means "not yet", like a refused connection.
+                if requests.get(self.url + "/healthz", timeout=5).ok:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 time.sleep(0.05)
         raise RuntimeError(f"gunicorn did not start: {self.log()}")
 
