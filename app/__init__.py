@@ -29,6 +29,7 @@ def create_app(config: Mapping[str, str] | Settings | None = None) -> Flask:
     from .errors import handle_errors_as, render_for_path
     from .ledger import Ledger
     from .profiles import ProfileStore
+    from .quotas import Quotas
     from .upstream import OpenRouter
 
     settings = config if isinstance(config, Settings) else Settings.from_environ(config)
@@ -38,7 +39,9 @@ def create_app(config: Mapping[str, str] | Settings | None = None) -> Flask:
     engine = engine_for(settings.database_url, app.instance_path)
     app.extensions["relay.database"] = engine
     app.extensions["relay.profiles"] = ProfileStore(engine, settings.secret_key)
-    app.extensions["relay.ledger"] = Ledger(engine, settings.ledger_queue_max)
+    ledger = app.extensions["relay.ledger"] = Ledger(engine, settings.ledger_queue_max)
+    quotas = app.extensions["relay.quotas"] = Quotas(settings, engine)
+    ledger.listeners.append(lambda row: quotas.spent(row["caller"], row["cost"]))
     openrouter = OpenRouter(settings)
     app.extensions["relay.openrouter"] = openrouter
     app.extensions["relay.models"] = ModelCatalog(

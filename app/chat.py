@@ -35,12 +35,21 @@ def chat() -> Response:
     if chat_settings.get("temperature") is not None:
         upstream_payload["temperature"] = chat_settings["temperature"]
 
+    admission = extensions["relay.quotas"].admit(caller)
     ledger = extensions["relay.ledger"]
     row = UsageRow(caller.name, "chatbot", chat_settings["model"])
-    with ledger.recording_failures(row):
+    with admission.released_on_failure(), ledger.recording_failures(row):
         stream = extensions["relay.openrouter"].open_chat_stream(upstream_payload, caller.key)
+    stream.on_close(admission.release)
     ledger.follow(stream, row)
     stream.on_close(watch_for_disconnect(request.environ, stream.abandon))
     body = commit_on_first_piece(present_as_text(stream))
-    headers = {**STREAM_HEADERS, "X-Generation-Id": stream.generation_id or ""}
-    return Response(body, content_type="text/plain; charset=utf-8", headers=headers)
+    headers = {
+        **STREAM_HEADERS,
+        **admission.headers,
+        "X-Generation-Id": stream.generation_id or "",
+    }
+    response = Response(body, content_type="text/plain; charset=utf-8", headers=headers)
+    # The stream is closed even when the server closes the body without reading it.
+    response.call_on_close(stream.close)
+    return response

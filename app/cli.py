@@ -76,6 +76,31 @@ def profiles_create(name, openrouter_key_env, models, rpm, concurrency, monthly_
     click.echo(token)
 
 
+@profiles.command("limit")
+@click.argument("name")
+@click.option("--rpm", type=click.IntRange(min=0), help="Requests per minute (0: no limit).")
+@click.option("--concurrency", type=click.IntRange(min=0), help="Concurrent streams (0: none).")
+@click.option("--monthly-budget", type=click.FloatRange(min=0), metavar="USD")
+@click.option("--no-budget", is_flag=True, help="Remove the monthly budget.")
+@_fail_on_profile_error
+def profiles_limit(name, rpm, concurrency, monthly_budget, no_budget) -> None:
+    """Change a profile's limits; its token stays the same. 0 falls back to DEFAULT_RPM or
+    DEFAULT_CONCURRENCY."""
+    changes = {}
+    if rpm is not None:
+        changes["rpm"] = rpm or None
+    if concurrency is not None:
+        changes["concurrency"] = concurrency or None
+    if no_budget:
+        changes["monthly_budget"] = None
+    elif monthly_budget is not None:
+        changes["monthly_budget"] = monthly_budget
+    if not changes:
+        raise click.UsageError("give --rpm, --concurrency, --monthly-budget or --no-budget")
+    _store().set_limits(name, **changes)
+    click.echo(f"limits of {name}: " + ", ".join(f"{k} {v or '-'}" for k, v in changes.items()))
+
+
 @profiles.command("list")
 def profiles_list() -> None:
     """List profiles (never their tokens or keys)."""

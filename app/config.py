@@ -90,6 +90,13 @@ def _database_url(raw: str) -> str:
     return url
 
 
+def _redis_url(raw: str) -> str:
+    url = raw.strip()
+    if url.split(":", 1)[0] not in ("redis", "rediss"):
+        raise ValueError("must be a redis:// or rediss:// URL")
+    return url
+
+
 def _setting(env: str, parse: Callable[[str], Any], default: Any, *, secret: bool = False) -> Any:
     return field(
         default=default,
@@ -121,6 +128,10 @@ class Settings:
     auth_mode: str = _setting("AUTH_MODE", _choice("profiles", "open"), "profiles")
     allow_client_keys: bool = _setting("ALLOW_CLIENT_KEYS", _flag, True)
     ledger_queue_max: int = _setting("LEDGER_QUEUE_MAX", _positive_int, 10_000)
+    redis_url: str = _setting("REDIS_URL", _redis_url, "", secret=True)
+    default_rpm: int = _setting("DEFAULT_RPM", _count, 0)
+    default_concurrency: int = _setting("DEFAULT_CONCURRENCY", _count, 0)
+    limits_fail_open: bool = _setting("LIMITS_FAIL_OPEN", _flag, True)
     port: int = _setting("PORT", _port, 8000)
     web_concurrency: int = _setting("WEB_CONCURRENCY", _positive_int, 2)
     worker_connections: int = _setting("WORKER_CONNECTIONS", _positive_int, 1000)

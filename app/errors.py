@@ -72,6 +72,28 @@ class StorageUnavailable(RelayError):
     message = "The relay's profile store is unavailable; try again shortly"
 
 
+class RateLimited(RelayError):
+    """The caller is over its requests-per-minute or concurrent-streams limit."""
+
+    status = 429
+    kind = "rate_limit_exceeded"
+
+
+class BudgetExhausted(RelayError):
+    """The caller's profile has spent its monthly budget."""
+
+    status = 402
+    kind = "insufficient_quota"
+
+
+class LimitsUnavailable(RelayError):
+    """The shared limit store is unreachable and LIMITS_FAIL_OPEN is false."""
+
+    status = 503
+    kind = "server_error"
+    message = "The relay cannot check its limits right now; try again shortly"
+
+
 class KeyNotFound(RelayError):
     """No OpenRouter key is configured for this caller (chatbot-ui's wording and status)."""
 

@@ -37,6 +37,7 @@ class ChatStream:
         self.usage: dict[str, Any] | None = None
         self.done = False
         self.abandoned = False
+        self.closed = False
         self.failure: UpstreamError | None = None
         self.model_served: str | None = None
         self.first_event_at: float | None = None
@@ -91,7 +92,11 @@ class ChatStream:
 
     def close(self) -> None:
         """Give the connection back to the pool after `[DONE]`; otherwise close it, which tells
-        OpenRouter to stop generating. Safe to call from another thread than the reader's."""
+        OpenRouter to stop generating. Safe to call more than once, and from another thread
+        than the reader's."""
+        if self.closed:
+            return
+        self.closed = True
         while self._on_close:
             self._on_close.pop()()
         self._release()

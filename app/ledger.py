@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from queue import Empty, Full, Queue
 from typing import Any
@@ -83,9 +83,10 @@ class UsageRow:
 
     def finish(self) -> dict[str, Any]:
         self.duration_ms = round((time.monotonic() - self.started) * 1000, 1)
-        row = asdict(self)
-        del row["started"]
-        return row
+        return {name: getattr(self, name) for name in _COLUMNS}
+
+
+_COLUMNS = tuple(spec.name for spec in fields(UsageRow) if spec.name != "started")
 
 
 class Ledger:
@@ -101,6 +102,8 @@ class Ledger:
         self._start_lock = threading.Lock()
         self._counts = threading.Lock()
         self._pending = 0
+        # Called with each row once it is written (the quotas add its cost to the spend).
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     @property
     def depth(self) -> int:
@@ -189,7 +192,16 @@ class Ledger:
             if failures:
                 log.info("usage ledger writing again after %d failed attempts", failures)
             failures = 0
+            self._tell_listeners(batch)
             with self._counts:
                 self.written += len(batch)
                 self._pending -= len(batch)
             batch = []
+
+    def _tell_listeners(self, batch: list[dict[str, Any]]) -> None:
+        for row in batch:
+            for listener in self.listeners:
+                try:
+                    listener(row)
+                except Exception:  # a listener's bug must not stop the writer
+                    log.exception("usage ledger listener failed")

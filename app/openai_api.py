@@ -33,23 +33,35 @@ def chat_completions() -> Response:
     settings = extensions["relay.settings"]
     caller = resolve_caller(request, settings, extensions["relay.profiles"])
     caller.check_models(payload["models"] if "models" in payload else [payload["model"]])
+    admission = extensions["relay.quotas"].admit(caller)
     openrouter = extensions["relay.openrouter"]
     ledger = extensions["relay.ledger"]
     row = UsageRow(caller.name, "openai", payload.get("model") or payload["models"][0])
     payload.setdefault("usage", {"include": True})
     if payload.get("stream"):
-        with ledger.recording_failures(row):
+        with admission.released_on_failure(), ledger.recording_failures(row):
             stream = openrouter.open_chat_stream(payload, caller.key)
+        stream.on_close(admission.release)
         ledger.follow(stream, row)
         stream.on_close(watch_for_disconnect(request.environ, stream.abandon))
-        headers = {**SSE_HEADERS, "X-Generation-Id": stream.generation_id or ""}
+        headers = {
+            **SSE_HEADERS,
+            **admission.headers,
+            "X-Generation-Id": stream.generation_id or "",
+        }
         body = present_as_sse(stream, settings.heartbeat_interval)
-        return Response(body, content_type="text/event-stream", headers=headers)
-    with ledger.recording_failures(row):
-        raw, completion, retries = openrouter.complete_chat(payload, caller.key)
+        response = Response(body, content_type="text/event-stream", headers=headers)
+        # The stream is closed even when the server closes the body without reading it.
+        response.call_on_close(stream.close)
+        return response
+    try:
+        with ledger.recording_failures(row):
+            raw, completion, retries = openrouter.complete_chat(payload, caller.key)
+    finally:
+        admission.release()
     row.take_completion(completion, retries)
     ledger.record(row)
-    return Response(raw.strip(), content_type="application/json")
+    return Response(raw.strip(), content_type="application/json", headers=admission.headers)
 
 
 @bp.get("/models")

@@ -129,6 +129,10 @@ class ProfileStore:
     def set_enabled(self, name: str, enabled: bool) -> None:
         self._update(name, enabled=enabled)
 
+    def set_limits(self, name: str, **limits: float | None) -> None:
+        """Change some of `rpm`, `concurrency` and `monthly_budget`; None removes that limit."""
+        self._update(name, **limits)
+
     def delete(self, name: str) -> None:
         with self.engine.begin() as connection:
             if not connection.execute(delete(profiles).where(profiles.c.name == name)).rowcount:

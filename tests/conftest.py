@@ -231,3 +231,16 @@ def profiles_env(fake: FakeOpenRouter, storage_url: str) -> dict[str, str]:
         "AUTH_MODE": "profiles",
         "SECRET_KEY": "test-secret-key-for-profile-keys",
     }
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """A Redis database of the tests' own (number 15 of REDIS_URL's server), emptied first."""
+    url = os.environ.get("REDIS_URL", "")
+    if not url.startswith(("redis://", "rediss://")):
+        pytest.skip("REDIS_URL does not name a Redis server")
+    import redis
+
+    own = url.rsplit("/", 1)[0] + "/15" if url.count("/") > 2 else url + "/15"
+    redis.Redis.from_url(own).flushdb()
+    return own

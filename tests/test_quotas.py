@@ -1,0 +1,293 @@
+"""Limits and budgets: requests per minute, concurrent streams, monthly budget, shared via Redis."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+import requests
+from werkzeug.test import EnvironBuilder
+
+from app import create_app
+from app.quotas import RedisSlots
+from tests.conftest import ROOT, RelayProcess, env_for, migrate, sqlite_url
+from tests.fake_openrouter import Scenario
+from tests.tcp_proxy import TcpProxy
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def create_profile(app, *options: str) -> str:
+    result = app.test_cli_runner().invoke(args=["profiles", "create", "team", *options])
+    assert result.exit_code == 0, result.output
+    return result.output.strip().splitlines()[-1]
+
+
+def chatbot(client, token, **kwargs):
+    body = {"chatSettings": {"model": "m/ok"}, "messages": MESSAGES}
+    return client.post(
+        "/api/chat/openrouter", json=body, headers={"Authorization": f"Bearer {token}"}, **kwargs
+    )
+
+
+def completion(client, token, **fields):
+    body = {"model": "m/ok", "messages": MESSAGES, **fields}
+    return client.post(
+        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"}
+    )
+
+
+@pytest.fixture
+def app(profiles_env):
+    return create_app(profiles_env)
+
+
+def test_over_the_rate_limit_is_a_429_with_openais_headers_on_both_surfaces(app, fake):
+    token = create_profile(app, "--rpm", "3")
+    client = app.test_client()
+    first = chatbot(client, token)
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "3"
+    assert first.headers["x-ratelimit-remaining-requests"] == "2"
+    assert completion(client, token).status_code == 200
+    assert chatbot(client, token).status_code == 200
+    refused = chatbot(client, token)
+    assert refused.status_code == 429
+    assert set(refused.get_json()) == {"message"}
+    assert "3 requests per minute" in refused.get_json()["message"]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-reset-requests"].endswith("s")
+    refused = completion(client, token)
+    assert refused.status_code == 429
+    assert refused.get_json()["error"]["type"] == "rate_limit_exceeded"
+    assert len(fake.received) == 3
+
+
+def test_a_concurrency_slot_is_held_while_streaming_and_given_back_at_the_end(app, fake):
+    token = create_profile(app, "--concurrency", "1")
+    fake.script("m/ok", Scenario(tokens=["a", "b", "c"]))
+    client = app.test_client()
+    finished = completion(client, token, stream=True)
+    assert finished.status_code == 200
+    assert finished.get_data().endswith(b"data: [DONE]\n\n")  # read to its end: slot back
+    open_stream = completion(client, token, stream=True)
+    assert open_stream.status_code == 200
+    refused = chatbot(client, token)
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "1"
+    open_stream.close()  # the client goes away mid-stream
+    assert chatbot(client, token).status_code == 200
+
+
+def test_a_request_that_failed_upstream_gives_its_slot_back(app, fake):
+    token = create_profile(app, "--concurrency", "1")
+    fake.script("m/ok", Scenario(status=503), Scenario())
+    assert chatbot(client := app.test_client(), token).status_code == 503
+    assert chatbot(client, token).status_code == 200
+
+
+def test_over_budget_is_a_402_and_survives_a_restart(profiles_env, fake):
+    app = create_app(profiles_env)
+    token = create_profile(app, "--monthly-budget", "0.0001")
+    client = app.test_client()
+    assert completion(client, token).status_code == 200  # costs 0.0001 or more
+    assert app.extensions["relay.ledger"].flush(10)
+    refused = completion(client, token)
+    assert refused.status_code == 402
+    assert "monthly budget" in refused.get_json()["error"]["message"]
+    restarted = create_app(profiles_env)
+    assert chatbot(restarted.test_client(), token).status_code == 402
+    assert len(fake.received) == 1
+
+
+def test_default_limits_apply_to_callers_with_their_own_key(profiles_env, fake):
+    client = create_app({**profiles_env, "DEFAULT_RPM": "1"}).test_client()
+    assert chatbot(client, "sk-or-v1-mine").status_code == 200
+    assert chatbot(client, "sk-or-v1-mine").status_code == 429
+    assert chatbot(client, "sk-or-v1-someone-else").status_code == 200
+
+
+def test_two_gunicorns_with_two_workers_each_share_one_limit_exactly(fake, redis_url, tmp_path):
+    database = sqlite_url(tmp_path)
+    migrate(database)
+    env = {
+        **env_for(fake, database),
+        "AUTH_MODE": "profiles",
+        "REDIS_URL": redis_url,
+        "WEB_CONCURRENCY": "2",
+    }
+    token = create_profile(create_app(env), "--rpm", "10")
+    relays = [RelayProcess(env, tmp_path / f"relay-{i}.log").start() for i in range(2)]
+    try:
+        statuses = []
+        for i in range(30):
+            with requests.Session() as fresh:  # a new connection: any worker may take it
+                statuses.append(
+                    fresh.post(
+                        relays[i % 2].url + "/api/chat/openrouter",
+                        json={"chatSettings": {"model": "m/ok"}, "messages": MESSAGES},
+                        headers={"Authorization": f"Bearer {token}"},
+                        timeout=10,
+                    ).status_code
+                )
+        assert statuses.count(200) == 10
+        assert statuses.count(429) == 20
+        assert len(fake.received) == 10
+    finally:
+        for relay in relays:
+            relay.stop()
+
+
+def test_slots_come_back_after_aborted_streams_with_redis(fake, redis_url, tmp_path):
+    database = sqlite_url(tmp_path)
+    migrate(database)
+    env = {**env_for(fake, database), "AUTH_MODE": "profiles", "REDIS_URL": redis_url}
+    token = create_profile(create_app(env), "--concurrency", "2")
+    fake.script("m/long", Scenario(tokens=["w "] * 1000, interval=0.02))
+    relay = RelayProcess(env, tmp_path / "relay.log").start()
+    body = {"model": "m/long", "messages": MESSAGES, "stream": True}
+    headers = {"Authorization": f"Bearer {token}"}
+    url = relay.url + "/v1/chat/completions"
+    try:
+        for _ in range(3):  # slots leaking would show on the second round
+            held = [
+                requests.post(url, json=body, headers=headers, stream=True, timeout=10)
+                for _ in range(2)
+            ]
+            assert [r.status_code for r in held] == [200, 200]
+            assert requests.post(url, json=body, headers=headers, timeout=10).status_code == 429
+            for response in held:
+                response.close()  # aborted mid-stream
+            assert fake.wait_for(
+                lambda: all(r.client_gone for r in fake.requests_for("m/long")[-2:]), 5
+            )
+            assert fake.wait_for(lambda: not redis.Redis.from_url(redis_url).zcard(SLOTS), 5)
+        done = requests.post(url, json={**body, "stream": False}, headers=headers, timeout=10)
+        assert done.status_code == 200
+    finally:
+        relay.stop()
+
+
+SLOTS = "relay:slots:team"
+
+HOLD_A_SLOT = """
+import sys, time, redis
+from app.quotas import RedisSlots
+slots = RedisSlots(redis.Redis.from_url(sys.argv[1]), ttl=1.5)
+assert slots.acquire("team", 1) is not None
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_slot_is_renewed_while_its_holder_lives_and_lapses_when_it_dies(redis_url):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_SLOT, redis_url], stdout=subprocess.PIPE, cwd=ROOT
+    )
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        slots = RedisSlots(redis.Redis.from_url(redis_url), ttl=1.5)
+        time.sleep(2.5)  # past the slot's first expiry: only renewal keeps it
+        assert slots.acquire("team", 1) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    died = time.monotonic()
+    while (release := slots.acquire("team", 1)) is None:
+        assert time.monotonic() - died < 5, "the dead holder's slot never lapsed"
+        time.sleep(0.1)
+    release()
+    assert not redis.Redis.from_url(redis_url).zcard(SLOTS)
+
+
+def test_spend_is_shared_through_redis_the_moment_a_row_is_written(profiles_env, redis_url, fake):
+    env = {**profiles_env, "REDIS_URL": redis_url}
+    one, other = create_app(env), create_app(env)
+    token = create_profile(one, "--monthly-budget", "0.0001")
+    assert chatbot(other.test_client(), token).status_code == 200  # seeds the figure: 0
+    assert completion(one.test_client(), token).status_code == 200
+    assert one.extensions["relay.ledger"].flush(10)
+    refused = chatbot(other.test_client(), token)
+    assert refused.status_code == 402
+    assert "monthly budget" in refused.get_json()["message"]
+
+
+def test_limits_can_be_changed_without_a_new_token(app, fake):
+    token = create_profile(app, "--rpm", "1")
+    client = app.test_client()
+    assert chatbot(client, token).status_code == 200
+    assert chatbot(client, token).status_code == 429
+    result = app.test_cli_runner().invoke(args=["profiles", "limit", "team", "--rpm", "5"])
+    assert result.exit_code == 0, result.output
+    allowed = chatbot(client, token)
+    assert allowed.status_code == 200
+    assert allowed.headers["x-ratelimit-limit-requests"] == "5"
+
+
+@pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
+def test_redis_going_away_follows_limits_fail_open(profiles_env, redis_url, caplog, fail_open):
+    real = urlsplit(redis_url)
+    proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 6379)).up()
+    env = {
+        **profiles_env,
+        "REDIS_URL": f"redis://127.0.0.1:{proxy.port}{real.path}",
+        "LIMITS_FAIL_OPEN": str(fail_open).lower(),
+    }
+    app = create_app(env)
+    token = create_profile(app, "--rpm", "100")
+    client = app.test_client()
+    try:
+        assert chatbot(client, token).status_code == 200
+        proxy.down()
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="relay"):
+            answer = chatbot(client, token)
+        assert time.monotonic() - started < 3
+        if fail_open:
+            assert answer.status_code == 200
+            assert "serving without them" in caplog.text
+            assert app.extensions["relay.quotas"].failed_open == 1
+        else:
+            assert answer.status_code == 503
+            assert "limits" in answer.get_json()["message"]
+    finally:
+        proxy.down()
+
+
+def test_limits_are_checked_before_anything_goes_upstream(app, fake):
+    token = create_profile(app, "--rpm", "1")
+    client = app.test_client()
+    threads = [threading.Thread(target=chatbot, args=(client, token)) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(fake.received) == 1
+
+
+@pytest.mark.parametrize("surface", ["text", "sse"])
+def test_a_body_the_server_closes_unread_still_ends_the_stream(app, fake, surface):
+    """WSGI lets a server close the body without reading it (its client left first)."""
+    token = create_profile(app, "--concurrency", "1")
+    fake.script("m/long", Scenario(tokens=["w "] * 100, interval=0.05))
+    path, body = {
+        "text": ("/api/chat/openrouter", {"chatSettings": {"model": "m/long"}}),
+        "sse": ("/v1/chat/completions", {"model": "m/long", "stream": True}),
+    }[surface]
+    environ = EnvironBuilder(
+        path=path,
+        method="POST",
+        json={**body, "messages": MESSAGES},
+        headers={"Authorization": f"Bearer {token}"},
+    ).get_environ()
+    app(environ, lambda status, headers, exc_info=None: None).close()
+    assert fake.wait_for(lambda: fake.requests_for("m/long")[-1].client_gone, 2)
+    assert chatbot(app.test_client(), token).status_code == 200
+    assert app.extensions["relay.ledger"].flush(5)
