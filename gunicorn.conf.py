@@ -5,7 +5,11 @@ clear line before any worker starts. Nothing here imports ssl or requests: the g
 monkey-patches the standard library before the app (and so requests) is imported.
 """
 
+import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 from app.config import ConfigError, Settings
 
@@ -13,6 +17,16 @@ try:
     _settings = Settings.from_environ()
 except ConfigError as error:
     sys.exit(f"openrouter-relay: configuration error: {error}")
+
+# prometheus_client's multiprocess mode: every worker writes its samples to files in this
+# directory and /metrics adds them up. The variable must be set before a worker imports
+# prometheus_client, and the directory must start empty (old files would resurrect old counts).
+_own_metrics_dir = not _settings.metrics_dir
+_metrics_dir = Path(_settings.metrics_dir or tempfile.mkdtemp(prefix="relay-metrics-"))
+_metrics_dir.mkdir(parents=True, exist_ok=True)
+for _stale in _metrics_dir.glob("*.db"):
+    _stale.unlink()
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
 
 worker_class = "gevent"
 bind = f"0.0.0.0:{_settings.port}"
@@ -25,7 +39,8 @@ graceful_timeout = round(_settings.graceful_timeout)
 timeout = 30
 # Above the 55 s idle window of Heroku-style routers, so the router, not us, closes idle sockets.
 keepalive = 75
-accesslog = "-"
+# The app writes one line per request itself (app/requestlog.py), when the response is closed.
+accesslog = None
 errorlog = "-"
 # The control socket (gunicornc) is not used; one fixed path per user would clash between instances.
 control_socket_disable = True
@@ -36,3 +51,15 @@ def worker_exit(server, worker):
     ledger = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("relay.ledger")
     if ledger is not None and not ledger.flush(timeout=5):
         server.log.error("usage ledger: %d rows not written at worker exit", ledger.depth)
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges (open streams, ledger depth), as prometheus_client's
+    mark_process_dead does; that module is not imported here, it imports ssl."""
+    for live in _metrics_dir.glob(f"gauge_live*_{worker.pid}.db"):
+        live.unlink(missing_ok=True)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

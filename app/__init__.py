@@ -6,7 +6,6 @@ process, which must not import requests or ssl before the gevent worker patches 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -22,8 +21,9 @@ def create_app(config: Mapping[str, str] | Settings | None = None) -> Flask:
     `config` may be a Settings, or a mapping of environment-variable names to values (tests).
     """
     from flask import Flask
+    from flask_cors import CORS
 
-    from . import chat, cli, health, openai_api, openapi
+    from . import chat, cli, health, metrics, openai_api, openapi, requestlog
     from .catalog import ModelCatalog
     from .database import engine_for
     from .errors import handle_errors_as, render_for_path
@@ -48,9 +48,26 @@ def create_app(config: Mapping[str, str] | Settings | None = None) -> Flask:
         lambda: openrouter.list_models(settings.openrouter_api_key or None),
         settings.models_cache_ttl,
     )
-    _configure_logging()
+    requestlog.configure_logging(settings.log_format)
+    requestlog.install(app)
+    if settings.cors_origins:
+        CORS(
+            app,
+            origins=list(settings.cors_origins),
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=[
+                "X-Request-ID",
+                "X-Generation-Id",
+                "Retry-After",
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+            max_age=600,
+        )
 
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(chat.bp)
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(openapi.bp)
@@ -58,13 +75,3 @@ def create_app(config: Mapping[str, str] | Settings | None = None) -> Flask:
     app.json.sort_keys = False
     handle_errors_as(app, render_for_path)
     return app
-
-
-def _configure_logging() -> None:
-    logger = logging.getLogger("relay")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s relay: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False

@@ -97,6 +97,17 @@ def _redis_url(raw: str) -> str:
     return url
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(origin.strip().rstrip("/") for origin in raw.split(",") if origin.strip())
+    for origin in origins:
+        parts = urlsplit(origin)
+        if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc):
+            raise ValueError(
+                f"must list origins like https://chat.example.com or *; {origin!r} is not one"
+            )
+    return origins
+
+
 def _setting(env: str, parse: Callable[[str], Any], default: Any, *, secret: bool = False) -> Any:
     return field(
         default=default,
@@ -132,6 +143,10 @@ class Settings:
     default_rpm: int = _setting("DEFAULT_RPM", _count, 0)
     default_concurrency: int = _setting("DEFAULT_CONCURRENCY", _count, 0)
     limits_fail_open: bool = _setting("LIMITS_FAIL_OPEN", _flag, True)
+    log_format: str = _setting("LOG_FORMAT", _choice("json", "text"), "json")
+    metrics_token: str = _setting("METRICS_TOKEN", _text, "", secret=True)
+    metrics_dir: str = _setting("PROMETHEUS_MULTIPROC_DIR", _text, "")
+    cors_origins: tuple[str, ...] = _setting("CORS_ORIGINS", _origins, ())
     port: int = _setting("PORT", _port, 8000)
     web_concurrency: int = _setting("WEB_CONCURRENCY", _positive_int, 2)
     worker_connections: int = _setting("WORKER_CONNECTIONS", _positive_int, 1000)

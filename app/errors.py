@@ -77,6 +77,7 @@ class RateLimited(RelayError):
 
     status = 429
     kind = "rate_limit_exceeded"
+    reason = "rpm"  # or "concurrency": which limit it was
 
 
 class BudgetExhausted(RelayError):
@@ -84,6 +85,7 @@ class BudgetExhausted(RelayError):
 
     status = 402
     kind = "insufficient_quota"
+    reason = "budget"
 
 
 class LimitsUnavailable(RelayError):
@@ -115,6 +117,7 @@ class UpstreamError(RelayError):
         super().__init__(message, status=status)
         self.code = code
         self.retries = 0
+        self.reported_in_stream = False  # an error event after the 200, not an error status
 
     @classmethod
     def from_body(cls, error: object, status: int = 502) -> UpstreamError:

@@ -15,6 +15,7 @@ from urllib3.exceptions import HTTPError as TransportError
 from urllib3.exceptions import ReadTimeoutError
 
 from .errors import ClientDisconnected, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from .metrics import count_upstream_error
 
 log = logging.getLogger("relay")
 
@@ -51,6 +52,7 @@ class ChatStream:
             if self.abandoned:
                 raise ClientDisconnected() from None
             self.failure = error
+            count_upstream_error(error, "mid_stream")
             raise
 
     @property
@@ -147,6 +149,7 @@ class ChatStream:
 def _stream_error(error: Any) -> UpstreamError:
     """An error OpenRouter reported inside the stream, after its 200."""
     failure = UpstreamError.from_body(error if isinstance(error, dict) else {})
+    failure.reported_in_stream = True
     if failure.message == UpstreamError.message:
         failure.message = "OpenRouter reported an error mid-stream"
     log.warning(

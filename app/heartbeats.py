@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Iterator
 from queue import Empty, Full, Queue
@@ -41,7 +42,9 @@ def with_heartbeats(items: Iterator[Any], interval: float) -> Iterator[Any]:
         except BaseException as error:  # handed to the consumer, which re-raises it
             hand_over((_END, error))
 
-    threading.Thread(target=pump, name="upstream-reader", daemon=True).start()
+    # The reader runs in a copy of this context, so that what it logs names the request.
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(pump,), name="upstream-reader", daemon=True).start()
     try:
         while True:
             try:

@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .database import usage
 from .errors import RelayError, UpstreamError, UpstreamTimeout
 from .events import ChatStream
+from .metrics import LEDGER_DEPTH, LEDGER_DROPPED
 
 log = logging.getLogger("relay")
 
@@ -117,12 +118,14 @@ class Ledger:
                 self._pending += 1
         except Full:
             self.dropped += 1
+            LEDGER_DROPPED.inc()
             log.error(
                 "usage ledger full (%d rows waiting): dropped a row for %s (%d dropped so far)",
                 self.max_queued,
                 row.caller,
                 self.dropped,
             )
+        LEDGER_DEPTH.set(self.depth)
         self._ensure_writer()
 
     @contextmanager
@@ -196,6 +199,7 @@ class Ledger:
             with self._counts:
                 self.written += len(batch)
                 self._pending -= len(batch)
+            LEDGER_DEPTH.set(self.depth)
             batch = []
 
     def _tell_listeners(self, batch: list[dict[str, Any]]) -> None:

@@ -7,10 +7,9 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from .bodies import read_json_object
-from .disconnects import watch_for_disconnect
+from .calls import complete, open_stream, streamed_response
 from .errors import BadRequest, RelayError, handle_errors_as, render_openai_error
 from .keys import resolve_caller
-from .ledger import UsageRow
 from .presenters import present_as_sse
 from .reports import caller_summary
 from .schemas import ChatCompletionRequest, load
@@ -18,9 +17,6 @@ from .schemas import ChatCompletionRequest, load
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
 _chat_completion_request = ChatCompletionRequest()
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
 
 handle_errors_as(bp, render_openai_error)
 
@@ -33,35 +29,14 @@ def chat_completions() -> Response:
     settings = extensions["relay.settings"]
     caller = resolve_caller(request, settings, extensions["relay.profiles"])
     caller.check_models(payload["models"] if "models" in payload else [payload["model"]])
-    admission = extensions["relay.quotas"].admit(caller)
-    openrouter = extensions["relay.openrouter"]
-    ledger = extensions["relay.ledger"]
-    row = UsageRow(caller.name, "openai", payload.get("model") or payload["models"][0])
+    model = payload.get("model") or payload["models"][0]
     payload.setdefault("usage", {"include": True})
     if payload.get("stream"):
-        with admission.released_on_failure(), ledger.recording_failures(row):
-            stream = openrouter.open_chat_stream(payload, caller.key)
-        stream.on_close(admission.release)
-        ledger.follow(stream, row)
-        stream.on_close(watch_for_disconnect(request.environ, stream.abandon))
-        headers = {
-            **SSE_HEADERS,
-            **admission.headers,
-            "X-Generation-Id": stream.generation_id or "",
-        }
+        stream, headers = open_stream(caller, "openai", model, payload)
         body = present_as_sse(stream, settings.heartbeat_interval)
-        response = Response(body, content_type="text/event-stream", headers=headers)
-        # The stream is closed even when the server closes the body without reading it.
-        response.call_on_close(stream.close)
-        return response
-    try:
-        with ledger.recording_failures(row):
-            raw, completion, retries = openrouter.complete_chat(payload, caller.key)
-    finally:
-        admission.release()
-    row.take_completion(completion, retries)
-    ledger.record(row)
-    return Response(raw.strip(), content_type="application/json", headers=admission.headers)
+        return streamed_response(body, stream, "text/event-stream", headers)
+    raw, headers = complete(caller, "openai", model, payload)
+    return Response(raw.strip(), content_type="application/json", headers=headers)
 
 
 @bp.get("/models")

@@ -30,6 +30,7 @@ from .config import Settings
 from .database import usage
 from .errors import BudgetExhausted, LimitsUnavailable, RateLimited
 from .keys import Caller
+from .metrics import LIMIT_REJECTIONS, LIMITS_FAILED_OPEN
 
 log = logging.getLogger("relay")
 
@@ -83,6 +84,7 @@ class Quotas:
             self._rates = MovingWindowRateLimiter(
                 storage_from_string(settings.redis_url, **options)
             )
+            self.ping = client.ping
             self._slots: LocalSlots | RedisSlots = RedisSlots(client)
             self._spend: LocalSpend | RedisSpend = RedisSpend(client, self._spent_in_database)
         else:
@@ -98,11 +100,16 @@ class Quotas:
         """
         try:
             return self._admit(caller)
+        except (RateLimited, BudgetExhausted) as refusal:
+            LIMIT_REJECTIONS.labels(refusal.reason).inc()
+            raise
         except _STORE_FAILURES as error:
             if not self.settings.limits_fail_open:
                 log.error("limits unavailable (%s): refusing", type(error).__name__)
+                LIMIT_REJECTIONS.labels("unavailable").inc()
                 raise LimitsUnavailable() from None
             self.failed_open += 1
+            LIMITS_FAILED_OPEN.inc()
             log.warning("limits unavailable (%s): serving without them", type(error).__name__)
             return Admission({})
 
@@ -136,6 +143,7 @@ class Quotas:
             raise _refusal(
                 f"Too many concurrent streams for '{caller.name}' (limit {concurrency})",
                 {**headers, "Retry-After": "1"},
+                "concurrency",
             )
         return Admission(headers, release)
 
@@ -153,6 +161,7 @@ class Quotas:
             raise _refusal(
                 f"Rate limit reached for '{name}': {rpm} requests per minute",
                 {**headers, "Retry-After": str(reset)},
+                "rpm",
             )
         return headers
 
@@ -165,9 +174,10 @@ class Quotas:
             return float(connection.execute(query).scalar() or 0.0)
 
 
-def _refusal(message: str, headers: dict[str, str]) -> RateLimited:
+def _refusal(message: str, headers: dict[str, str], reason: str) -> RateLimited:
     error = RateLimited(message)
     error.headers.update(headers)
+    error.reason = reason
     return error
 
 

@@ -17,6 +17,7 @@ from urllib3.exceptions import ReadTimeoutError
 from .config import Settings
 from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from .events import ChatStream
+from .metrics import UPSTREAM_RETRIES, count_upstream_error
 from .retries import RetryPolicy
 
 log = logging.getLogger("relay")
@@ -42,9 +43,11 @@ class OpenRouter:
             settings.upstream_retries, settings.upstream_retry_backoff, settings.retry_after_max
         )
 
-    def open_chat_stream(self, payload: dict[str, Any], key: str) -> ChatStream:
+    def open_chat_stream(
+        self, payload: dict[str, Any], key: str, request_id: str | None = None
+    ) -> ChatStream:
         """Start a streamed chat completion; returns once OpenRouter has sent its headers."""
-        response = self._post("/chat/completions", {**payload, "stream": True}, key)
+        response = self._post("/chat/completions", {**payload, "stream": True}, key, request_id)
         content_type = response.headers.get("Content-Type", "")
         if not content_type.startswith("text/event-stream"):
             response.close()
@@ -55,10 +58,12 @@ class OpenRouter:
             )
         return ChatStream(response)
 
-    def complete_chat(self, payload: dict[str, Any], key: str) -> tuple[bytes, dict[str, Any], int]:
+    def complete_chat(
+        self, payload: dict[str, Any], key: str, request_id: str | None = None
+    ) -> tuple[bytes, dict[str, Any], int]:
         """A whole (non-streamed) chat completion: OpenRouter's JSON as it sent it, parsed, and
         the number of retries it took."""
-        response = self._post("/chat/completions", payload, key)
+        response = self._post("/chat/completions", payload, key, request_id)
         completion = _json_body(response)
         if not isinstance(completion, dict) or "choices" not in completion:
             if isinstance(completion, dict) and isinstance(completion.get("error"), dict):
@@ -77,26 +82,35 @@ class OpenRouter:
     def close(self) -> None:
         self.session.close()
 
-    def _post(self, path: str, payload: dict[str, Any], key: str) -> requests.Response:
+    def _post(
+        self, path: str, payload: dict[str, Any], key: str, request_id: str | None
+    ) -> requests.Response:
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-        return self._send("POST", path, body, key)
+        return self._send("POST", path, body, key, request_id)
 
     def _send(
-        self, method: str, path: str, body: bytes | None, key: str | None
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        key: str | None,
+        request_id: str | None = None,
     ) -> requests.Response:
         """One upstream call, retried while the retry policy allows; returns a 200 response."""
         attempt = 0
         while True:
             try:
-                response = self._send_once(method, path, body, key)
+                response = self._send_once(method, path, body, key, request_id)
                 response.relay_retries = attempt  # type: ignore[attr-defined]
                 return response
             except UpstreamError as error:
+                count_upstream_error(error, "before_stream")
                 delay = self.retry_policy.delay_before_retry(error, attempt)
                 if delay is None:
                     error.retries = attempt
                     raise
                 attempt += 1
+                UPSTREAM_RETRIES.inc()
                 log.warning(
                     "retry %d of %d in %.2fs after: %s",
                     attempt,
@@ -107,9 +121,11 @@ class OpenRouter:
                 time.sleep(delay)
 
     def _send_once(
-        self, method: str, path: str, body: bytes | None, key: str | None
+        self, method: str, path: str, body: bytes | None, key: str | None, request_id: str | None
     ) -> requests.Response:
         headers = {"Accept-Encoding": "identity"}
+        if request_id:
+            headers["X-Request-ID"] = request_id
         if body is not None:
             headers["Content-Type"] = "application/json"
         if key:

@@ -1,0 +1,77 @@
+"""One upstream call made for a caller, the same way on every surface: admitted by the caller's
+limits, recorded in the usage ledger, counted, and ended when the client goes away."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Response, current_app, request
+
+from .disconnects import watch_for_disconnect
+from .events import ChatStream
+from .keys import Caller
+from .ledger import UsageRow
+from .metrics import count_open_stream
+from .requestlog import current_request_id, note_usage
+
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def open_stream(
+    caller: Caller, surface: str, model: str, payload: dict[str, Any]
+) -> tuple[ChatStream, dict[str, str]]:
+    """Start a chat stream for `caller`; returns it with the headers its response carries.
+
+    Raises the caller's refusal (RateLimited, BudgetExhausted, ...) or the UpstreamError that
+    kept the stream from starting; either way nothing is left held.
+    """
+    extensions = current_app.extensions
+    row = UsageRow(caller.name, surface, model)
+    note_usage(row)
+    admission = extensions["relay.quotas"].admit(caller)
+    ledger = extensions["relay.ledger"]
+    with admission.released_on_failure(), ledger.recording_failures(row):
+        stream = extensions["relay.openrouter"].open_chat_stream(
+            payload, caller.key, current_request_id.get()
+        )
+    stream.on_close(admission.release)
+    ledger.follow(stream, row)
+    count_open_stream(stream, surface)
+    stream.on_close(watch_for_disconnect(request.environ, stream.abandon))
+    headers = {
+        **STREAM_HEADERS,
+        **admission.headers,
+        "X-Generation-Id": stream.generation_id or "",
+    }
+    return stream, headers
+
+
+def streamed_response(
+    body: Iterator[bytes], stream: ChatStream, content_type: str, headers: dict[str, str]
+) -> Response:
+    """The response that sends `body`; closing it closes the stream, even if it was never read."""
+    response = Response(body, content_type=content_type, headers=headers)
+    response.call_on_close(stream.close)
+    return response
+
+
+def complete(
+    caller: Caller, surface: str, model: str, payload: dict[str, Any]
+) -> tuple[bytes, dict[str, str]]:
+    """A whole chat completion for `caller`: OpenRouter's JSON as sent, and the headers to send."""
+    extensions = current_app.extensions
+    row = UsageRow(caller.name, surface, model)
+    note_usage(row)
+    admission = extensions["relay.quotas"].admit(caller)
+    ledger = extensions["relay.ledger"]
+    try:
+        with ledger.recording_failures(row):
+            raw, completion, retries = extensions["relay.openrouter"].complete_chat(
+                payload, caller.key, current_request_id.get()
+            )
+    finally:
+        admission.release()
+    row.take_completion(completion, retries)
+    ledger.record(row)
+    return raw, admission.headers

@@ -1,0 +1,289 @@
+"""Operable on a PaaS: a JSON line per request, request ids, metrics across workers, readiness,
+CORS. Through real gunicorn processes where the behaviour depends on them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from app import create_app
+from tests.conftest import SERVER_KEY, RelayProcess, env_for, migrate, reset_postgres, sqlite_url
+from tests.fake_openrouter import Scenario
+from tests.tcp_proxy import TcpProxy
+
+MESSAGES = [{"role": "user", "content": "the-secret-question-7f3a"}]
+CHATBOT = "/api/chat/openrouter"
+OPENAI = "/v1/chat/completions"
+
+
+def chatbot_body(model: str = "m/ok") -> dict:
+    return {"chatSettings": {"model": model}, "messages": MESSAGES}
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def request_lines(relay: RelayProcess) -> list[dict]:
+    """The request lines of everything but the start-up health probes."""
+    return [
+        line for line in json_lines(relay.log()) if "status" in line and line["path"] != "/healthz"
+    ]
+
+
+def wait_for_lines(relay: RelayProcess, count: int) -> list[dict]:
+    deadline = time.monotonic() + 5
+    while len(lines := request_lines(relay)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return lines
+
+
+@pytest.fixture
+def profiles_relay(fake, tmp_path):
+    database = sqlite_url(tmp_path)
+    migrate(database)
+    env = {
+        **env_for(fake, database),
+        "AUTH_MODE": "profiles",
+        "SECRET_KEY": "a-secret-key-for-the-tests",
+        "UPSTREAM_RETRIES": "1",
+        "UPSTREAM_RETRY_BACKOFF": "0.01",
+    }
+    cli = create_app(env).test_cli_runner()
+    os.environ["TEAM_KEY"] = "sk-or-v1-team-own-key-5e6f"
+    try:
+        created = cli.invoke(
+            args=["profiles", "create", "team", "--openrouter-key-env", "TEAM_KEY"]
+        )
+    finally:
+        del os.environ["TEAM_KEY"]
+    token = created.output.strip().splitlines()[-1]
+    relay = RelayProcess(env, tmp_path / "relay.log").start()
+    yield relay, token
+    relay.stop()
+
+
+def test_every_request_leaves_one_json_line_with_what_happened_and_no_secret(profiles_relay, fake):
+    relay, token = profiles_relay
+    auth = {"Authorization": f"Bearer {token}"}
+    fake.script("m/flaky", Scenario(status=503), Scenario())
+    streamed = requests.post(relay.url + CHATBOT, json=chatbot_body("m/flaky"), headers=auth)
+    assert streamed.text == "Hello, world!"
+    whole = requests.post(
+        relay.url + OPENAI,
+        json={"model": "m/ok", "messages": MESSAGES},
+        headers={"Authorization": "Bearer sk-or-v1-byok-caller-key-9d8c"},
+    )
+    assert whole.status_code == 200
+    refused = requests.post(relay.url + CHATBOT, json=chatbot_body(), headers={})
+    assert refused.status_code == 401
+
+    lines = wait_for_lines(relay, 3)
+    by_path = {(line["path"], line["status"]): line for line in lines}
+    chat = by_path[(CHATBOT, 200)]
+    assert chat["request_id"] == streamed.headers["X-Request-ID"]
+    assert chat["method"] == "POST"
+    assert chat["profile"] == "team"
+    assert chat["model"] == "m/flaky"
+    assert chat["outcome"] == "completed"
+    assert chat["retries"] == 1
+    assert chat["completion_tokens"] == 4 and chat["prompt_tokens"] > 0
+    assert chat["cost"] > 0
+    assert 0 < chat["ttft_ms"] <= chat["duration_ms"]
+    assert chat["client"] == "127.0.0.1"
+    byok = by_path[(OPENAI, 200)]
+    assert byok["profile"].startswith("byok:") and byok["outcome"] == "completed"
+    assert by_path[(CHATBOT, 401)]["outcome"] == "rejected"
+
+    log = relay.log()
+    for secret in (token, SERVER_KEY, "sk-or-v1-team-own-key-5e6f", "sk-or-v1-byok-caller-key"):
+        assert secret not in log
+    assert "the-secret-question" not in log
+
+
+def test_the_routers_request_id_is_kept_echoed_and_sent_upstream(relay, fake):
+    answer = requests.post(
+        relay.url + CHATBOT, json=chatbot_body(), headers={"X-Request-ID": "router-id-42"}
+    )
+    assert answer.headers["X-Request-ID"] == "router-id-42"
+    assert fake.received[-1].header("X-Request-ID") == "router-id-42"
+    made_up = requests.post(
+        relay.url + CHATBOT, json=chatbot_body(), headers={"X-Request-ID": "no spaces {}"}
+    )
+    generated = made_up.headers["X-Request-ID"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    assert fake.received[-1].header("X-Request-ID") == generated
+    assert [line["request_id"] for line in wait_for_lines(relay, 2)] == ["router-id-42", generated]
+
+
+def test_warnings_carry_the_request_id_of_their_stream(relay, fake):
+    fake.script("m/cut", Scenario(tokens=["a", "b", "c"], drop_after=2))
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        requests.post(
+            relay.url + CHATBOT, json=chatbot_body("m/cut"), headers={"X-Request-ID": "cut-1"}
+        )  # requests reads the whole body, and the cut-off body raises
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        warnings = [line for line in json_lines(relay.log()) if line.get("level") == "warning"]
+        if any("cutting off" in line["message"] for line in warnings):
+            break
+        time.sleep(0.05)
+    assert {line["request_id"] for line in warnings} == {"cut-1"}
+    assert any("dropped mid-stream" in line["message"] for line in warnings)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if not match or match[1] != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match[2] or ""))
+        if all(found.get(key) == value for key, value in labels.items()):
+            total += float(match[3])
+    return total
+
+
+def test_metrics_add_up_across_two_workers(fake, tmp_path):
+    database = sqlite_url(tmp_path)
+    migrate(database)
+    env = {**env_for(fake, database), "WEB_CONCURRENCY": "2", "METRICS_TOKEN": "metrics-tok"}
+    relay = RelayProcess(env, tmp_path / "relay.log").start()
+    try:
+        assert requests.get(relay.url + "/metrics").status_code == 401
+        fake.script("m/fail", Scenario(status=400))
+        workers = set()
+        for i in range(20):
+            with requests.Session() as fresh:  # a new connection: either worker may take it
+                model = "m/fail" if i % 5 == 0 else "m/ok"
+                fresh.post(relay.url + CHATBOT, json=chatbot_body(model))
+        for line in wait_for_lines(relay, 20):
+            workers.add(line.get("pid"))
+        scrapes = []
+        for _ in range(6):
+            with requests.Session() as fresh:
+                scrape = fresh.get(
+                    relay.url + "/metrics", headers={"Authorization": "Bearer metrics-tok"}
+                )
+                assert scrape.status_code == 200
+                scrapes.append(scrape.text)
+        for text in scrapes:  # whichever worker answered, the figures are the whole picture
+            assert metric(text, "relay_requests_total", surface="chatbot", status="200") == 16
+            assert metric(text, "relay_requests_total", surface="chatbot", status="400") == 4
+            assert metric(text, "relay_time_to_first_token_seconds_count") == 16
+            assert metric(text, "relay_upstream_errors_total", kind="status_400") == 4
+            assert metric(text, "relay_tokens_total", profile="open", kind="completion") == 64
+            assert metric(text, "relay_open_streams") == 0
+            assert metric(text, "relay_cost_usd_total", profile="open") > 0
+        assert len(workers) == 2, "both workers should have served requests"
+    finally:
+        relay.stop()
+
+
+def test_readiness_needs_a_migrated_database(fake, tmp_path):
+    client = create_app(env_for(fake, sqlite_url(tmp_path))).test_client()
+    unmigrated = client.get("/readyz")
+    assert unmigrated.status_code == 503
+    assert "flask db upgrade" in unmigrated.get_json()["checks"]["database"]
+    migrate(sqlite_url(tmp_path))
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.get_json() == {
+        "status": "ready",
+        "checks": {"configuration": "ok", "database": "ok"},
+    }
+    assert not fake.received
+
+
+def test_readiness_flips_when_the_database_or_redis_goes_away(fake, redis_url):
+    storage_url = os.environ.get("DATABASE_URL", "")
+    if not storage_url.startswith(("postgres://", "postgresql")):
+        pytest.skip("DATABASE_URL does not name a PostgreSQL database (one that can be stopped)")
+    reset_postgres(storage_url)
+    migrate(storage_url)
+    database, cache = urlsplit(storage_url), urlsplit(redis_url)
+    db_proxy = TcpProxy((database.hostname, database.port or 5432)).up()
+    redis_proxy = TcpProxy((cache.hostname, cache.port or 6379)).up()
+    env = {
+        **env_for(
+            fake,
+            storage_url.replace(database.netloc, f"{database.username}@127.0.0.1:{db_proxy.port}"),
+        ),
+        "REDIS_URL": f"redis://127.0.0.1:{redis_proxy.port}{cache.path}",
+    }
+    client = create_app(env).test_client()
+    try:
+        assert client.get("/readyz").status_code == 200
+        db_proxy.down()
+        answer = client.get("/readyz")
+        assert answer.status_code == 503
+        assert answer.get_json()["checks"]["database"].startswith("unavailable")
+        db_proxy.up()
+        assert client.get("/readyz").status_code == 200
+        redis_proxy.down()
+        answer = client.get("/readyz")
+        assert answer.status_code == 503
+        assert answer.get_json()["checks"] == {
+            "configuration": "ok",
+            "database": "ok",
+            "redis": "unavailable (ConnectionError)",
+        }
+        assert client.get("/healthz").status_code == 200  # alive all along
+    finally:
+        db_proxy.down()
+        redis_proxy.down()
+
+
+def test_cors_answers_preflights_for_allowed_origins_only_and_streams_unchanged(start_relay, fake):
+    relay = start_relay(CORS_ORIGINS="https://chat.example.com, https://other.example.com/")
+    preflight = requests.options(
+        relay.url + OPENAI,
+        headers={
+            "Origin": "https://chat.example.com",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://chat.example.com"
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
+    stranger = requests.options(
+        relay.url + OPENAI,
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert "Access-Control-Allow-Origin" not in stranger.headers
+
+    fake.script("m/slow", Scenario(tokens=["one ", "two ", "three"], interval=0.4))
+    started = time.monotonic()
+    with requests.post(
+        relay.url + CHATBOT,
+        json=chatbot_body("m/slow"),
+        headers={"Origin": "https://other.example.com"},
+        stream=True,
+    ) as streamed:
+        assert streamed.headers["Access-Control-Allow-Origin"] == "https://other.example.com"
+        assert "X-Request-ID" in streamed.headers["Access-Control-Expose-Headers"]
+        pieces = [(piece, time.monotonic() - started) for piece in streamed.iter_content(None)]
+    assert b"".join(piece for piece, _ in pieces) == b"one two three"
+    assert pieces[0][1] < 0.5  # the first word came before the others were generated
+
+
+def test_without_cors_origins_no_cors_headers_are_sent(client, fake):
+    answer = client.post(CHATBOT, json=chatbot_body(), headers={"Origin": "https://x.example"})
+    assert answer.status_code == 200
+    assert "Access-Control-Allow-Origin" not in answer.headers
+
+
+def test_a_malformed_cors_origin_stops_the_service_at_start():
+    from app.config import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match="CORS_ORIGINS"):
+        Settings.from_environ({"CORS_ORIGINS": "chat.example.com"})
