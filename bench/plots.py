@@ -71,15 +71,24 @@ def _overhead(plt: Any, result: dict[str, Any]) -> Any:
 
 def _latency_cdf(plt: Any, result: dict[str, Any]) -> Any:
     """Scenario 2's latency distribution per surface."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     figure, axis = plt.subplots(figsize=(7, 4.2))
+    success = {run["surface"]: run["success_rate"] for run in result["runs"]}
     for surface, points in result["cdf_ms"].items():
-        if points:
-            ys = [i / (len(points) - 1) for i in range(len(points))]
+        if len(points) > 1:
+            # Failed requests never arrive: the curve tops out at the success rate.
+            top = success.get(surface, 1.0)
+            ys = [top * i / (len(points) - 1) for i in range(len(points))]
             axis.plot([p / 1000 for p in points], ys, label=surface, color=COLOURS.get(surface))
-    axis.axvline(1.8, color="#999999", linestyle="--", linewidth=1)
+    axis.axvline(1.8, color="#999999", linestyle="--", linewidth=1, label="target p99 1.8 s")
     axis.set_xscale("log")
-    axis.set_xlabel("latency, s (log)")
-    axis.set_ylabel("fraction of successful requests")
+    axis.set_xticks([1.5, 2, 3, 5, 10, 20, 30, 60])
+    axis.xaxis.set_major_formatter(ScalarFormatter())
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel("latency, s (log scale)")
+    axis.set_ylabel("fraction of all requests answered")
     axis.set_title(f"{result['rate']:g} req/s offered, 1.5 s upstream, non-streamed")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend()
@@ -95,8 +104,9 @@ def _open_streams(plt: Any, result: dict[str, Any]) -> Any:
     axis.bar(names, [run["rss_before_mb"] for run in runs], color="#3182bd", label="before")
     axis.axhline(150, color="#d62728", linestyle="--", linewidth=1, label="target 150 MB")
     axis.set_ylabel("worker RSS, MB")
+    axis.set_ylim(0, 180)
     axis.set_title(f"{result['streams']} open streams, one gevent worker")
-    axis.legend()
+    axis.legend(loc="lower right")
     return figure
 
 

@@ -212,8 +212,10 @@ def _scenario4(result: dict[str, Any]) -> str:
         f"Closed loop: {result['concurrency']} concurrent streams of {timing['tokens']} tokens "
         "with no spacing (the upstream writes each answer at once), one gevent worker. A chunk "
         "is one upstream event relayed (`data:` events on SSE, counted by the load generator; "
-        "content deltas on text). *Per CPU-second* divides by the worker's CPU time (for the "
-        "direct row: the fake upstream's), so it is the rate one core sustains.\n\n"
+        "content deltas on text). *Per CPU-second* divides by the worker's CPU time, so it is "
+        "the rate one core sustains. The direct row is the ceiling of the measurement itself: "
+        "what the load generator reads straight from the fake upstream (*CPU use*: the "
+        "upstream's).\n\n"
     )
     rows = []
     for run in result["runs"]:
@@ -264,31 +266,54 @@ def _litellm(document: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" if lines else "No LiteLLM figures in this run.\n"
 
 
-def _profiles(result: dict[str, Any]) -> str:
+def _chunk_cost_us(results: dict[str, Any], surface: str) -> float | None:
+    """CPU microseconds per relayed chunk on `surface`, from scenario 4 of the same run."""
+    run = _find(results.get("scenario4", {}), surface)
+    rate = run and run.get("chunks_per_cpu_second")
+    return 1e6 / rate if rate else None
+
+
+def _profiles(result: dict[str, Any], results: dict[str, Any]) -> str:
     if "error" in result:
         return f"The profile could not be taken: {result['error']}\n"
     parts = [
-        f"py-spy sampled the relay's gevent worker at 250 Hz for {result['seconds']:g} s per "
+        f"py-spy sampled the relay's gevent worker at 100 Hz for {result['seconds']:g} s per "
         "case (raw samples, read back below) and as long again for a flame graph "
-        "(`bench/results/profile-<case>.svg`). Only samples where the worker was running "
-        "count. *s1* is scenario 1's load at "
+        "(`bench/results/profile-<case>.svg`). Only samples where the worker held the GIL "
+        "(ran Python) count (`--gil`). *s1* is scenario 1's load at "
         f"{result['rate']:g} req/s; *s4* is scenario 4's fast-upstream load. Each sample is "
         "put in the first stage its frames match, reading from the running frame outwards.\n"
     ]
     for name, profile in result["profiles"].items():
         load = profile["load"]
         cpu = profile["worker_cpu"]
-        per_request = ""
+        per_request, unit, cost = "", "", None
         if name.startswith("s1") and load["achieved_rate"]:
             cost = cpu / load["achieved_rate"] * 1000
-            per_request = f", about **{cost:.2f} ms of CPU per request**"
+            tokens = results.get("scenario1", {}).get("timing", {}).get("tokens", "?")
+            per_request = f", about **{cost:.2f} ms of CPU per request** of {tokens} tokens"
+            unit = "ms per request"
+        elif name.startswith("s4"):
+            cost = _chunk_cost_us(results, load["surface"])
+            if cost is not None:
+                per_request = f"; scenario 4 measured **{cost:.1f} µs of CPU per chunk**"
+                unit = "µs per chunk"
         parts.append(
             f"\n### {name}\n\nWorker CPU {cpu:.2f} cores during the profile{per_request}; "
             f"{profile['samples']} samples; load: {load['achieved_rate']:g} req/s achieved, "
             f"TTFT p50 {_ms(load['ttft_p50'])}, errors {_errors(load)}.\n\n"
         )
+        header = ["stage", "% of samples"]
         rows = [[stage, f"{share}"] for stage, share in profile["stages"]]
-        parts.append(_table(["stage", "% of samples"], rows))
+        if cost is not None:
+            header.append(unit)
+            for row, (_, share) in zip(rows, profile["stages"], strict=True):
+                row.append(
+                    f"{cost * share / 100:.3f}"
+                    if unit.startswith("ms")
+                    else f"{cost * share / 100:.1f}"
+                )
+        parts.append(_table(header, rows))
         parts.append("\nFunctions with the most samples of their own (self time):\n\n")
         rows = [[f"`{function}`", f"{share}"] for function, share in profile["self"]]
         parts.append(_table(["function", "% self"], rows))
@@ -379,7 +404,9 @@ def render(document: dict[str, Any], images: list[Path], image_dir: Path | None)
     out.append("\n## LiteLLM's proxy, same upstream, same load generator\n\n")
     out.append(_litellm(document))
     out.append("\n## Where the time goes\n\n")
-    out.append(_profiles(results["profile"]) if "profile" in results else "Not profiled.\n")
+    out.append(
+        _profiles(results["profile"], results) if "profile" in results else "Not profiled.\n"
+    )
     if ANALYSIS.exists() and image_dir is None:
         out.append("\n### Reading of the profile\n\n" + ANALYSIS.read_text())
     out.append("\n## Run log\n\n```\n" + "\n".join(document["log"]) + "\n```\n")

@@ -17,10 +17,12 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bench import plots, profiling, report, scenarios
+from bench.fake_upstream import Timing, timing_for
 from bench.measure import Bench
 from bench.plan import FULL, SMOKE, Plan
 from bench.processes import ROOT
@@ -109,6 +111,23 @@ def run(plan: Plan, chosen: list[str], bench: Bench, results_dir: Path) -> dict[
     return results
 
 
+def with_changes(plan: Plan, changes: list[str]) -> Plan:
+    """The plan with `knob=value` changes applied (numbers, comma lists, or ttft;tokens;gap)."""
+    values: dict[str, Any] = {}
+    for change in changes:
+        knob, _, raw = change.partition("=")
+        current = getattr(plan, knob)
+        if isinstance(current, Timing):
+            values[knob] = timing_for(f"bench/{raw}", current)
+        elif isinstance(current, list):
+            values[knob] = [float(x) for x in raw.split(",") if x]
+        elif isinstance(current, bool):
+            values[knob] = raw.lower() in ("1", "true", "yes")
+        else:
+            values[knob] = type(current)(raw)
+    return replace(plan, **values)
+
+
 def errors_in(results: dict[str, Any]) -> list[str]:
     """Every failed request or scenario, as lines."""
     found = []
@@ -121,22 +140,47 @@ def errors_in(results: dict[str, Any]) -> list[str]:
     return found
 
 
+def publish(document: dict[str, Any]) -> int:
+    """A full run's BENCHMARKS.md (at the top of the repository) and bench/results/*.png."""
+    images = plots.draw_all(document, RESULTS)
+    (ROOT / "BENCHMARKS.md").write_text(report.render(document, images, None))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="openrouter-relay's benchmark suite")
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO", help=", ".join(SCENARIOS))
     parser.add_argument("--smoke", action="store_true", help="a ten-second check that it runs")
     parser.add_argument("--no-litellm", action="store_true", help="do not compare LiteLLM")
     parser.add_argument("--litellm-install-log", help="pip's output when LiteLLM did not install")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: redraw BENCHMARKS.md and the plots from bench/results/results.json",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="change one knob of the plan for this run (bench/plan.py), e.g. s2_duration=20",
+    )
     args = parser.parse_args()
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario {', '.join(sorted(unknown))}; choose from {SCENARIOS}")
 
-    plan = SMOKE if args.smoke else FULL
+    if args.report_only:
+        if not (RESULTS / "results.json").exists():
+            parser.error("no bench/results/results.json yet: run bench/run first")
+        return publish(json.loads((RESULTS / "results.json").read_text()))
+    plan = with_changes(SMOKE if args.smoke else FULL, args.set)
     full = not args.smoke and not args.scenarios
     chosen = list(args.scenarios or SCENARIOS)
     if args.smoke:
         chosen = [name for name in chosen if name != "profile"]
+    if args.set and full:
+        parser.error("--set changes the plan: name the scenarios too, so that BENCHMARKS.md stays")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.smoke:
         out = Path(tempfile.mkdtemp(prefix="relay-bench-smoke-"))
@@ -182,11 +226,12 @@ def main() -> int:
         "log": bench.log,
     }
     (out / "results.json").write_text(json.dumps(document, indent=1))
-    images = [] if args.smoke else plots.draw_all(document, out)
-    markdown = report.render(document, images, out if not full else None)
-    target = ROOT / "BENCHMARKS.md" if full else out / "BENCHMARKS.md"
-    target.write_text(markdown)
-    bench.say(f"wrote {target} in {document['wall_seconds']} s")
+    if full:
+        publish(document)
+    else:
+        images = [] if args.smoke else plots.draw_all(document, out)
+        (out / "BENCHMARKS.md").write_text(report.render(document, images, out))
+    bench.say(f"wrote the report into {out} in {document['wall_seconds']} s")
     problems = errors_in(results)
     for problem in problems:
         bench.say(f"error: {problem}")
