@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,8 +84,6 @@ class LoadInFlight:
     """A load run in a background thread; `finish()` waits for it and returns its figures."""
 
     def __init__(self, bench: Bench, surface: Surface, model: str, options: dict) -> None:
-        import threading
-
         self.outcome: tuple[dict, dict] | BaseException | None = None
 
         def go() -> None:

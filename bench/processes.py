@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import os
 import signal
 import socket
@@ -17,7 +16,6 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 _TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -99,18 +97,6 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         connection.request("GET", path)
         response = connection.getresponse()
         return response.status, response.read()
-    finally:
-        connection.close()
-
-
-def http_post(port: int, path: str, body: dict[str, Any], timeout: float = 10.0) -> int:
-    """One POST with a JSON body, the answer read whole; returns the status."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        response.read()
-        return response.status
     finally:
         connection.close()
 

@@ -81,7 +81,7 @@ def run(plan: Plan, chosen: list[str], bench: Bench, results_dir: Path) -> dict[
     results: dict[str, Any] = {}
 
     def start_litellm() -> LiteLLM | None:
-        """A LiteLLM proxy before the upstream, or None (why: in bench.litellm_error)."""
+        """LiteLLM's proxy in front of the upstream, or None (why: bench.litellm_error)."""
         if bench.litellm_error is not None:
             return None
         try:

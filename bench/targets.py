@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +167,5 @@ class LiteLLM:
 
 
 def litellm_installed() -> bool:
+    """Whether bench/run managed to install LiteLLM's proxy."""
     return LITELLM_PYTHON.exists() and (LITELLM_PYTHON.parent / "litellm").exists()
-
-
-def this_python() -> str:
-    return sys.executable
