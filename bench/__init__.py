@@ -1,0 +1,1 @@
+"""The benchmark suite of openrouter-relay: `bench/run` runs it (see BENCHMARKS.md)."""

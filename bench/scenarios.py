@@ -1,0 +1,223 @@
+"""The four scenarios of the issue, each measured against the upstream itself and through the
+relay (and LiteLLM's proxy where it is compared) in the same run.
+
+Each returns plain data (JSON-ready) that bench.report and bench.plots turn into tables and
+pictures; nothing here formats.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from bench.fake_upstream import TOKEN, Timing, model_name
+from bench.measure import Bench, run_load, start_load
+from bench.plan import Plan
+from bench.processes import PeakMemory, cpu_seconds, rss_bytes
+from bench.stats import quantile_points
+from bench.targets import LiteLLM, Relay, Surface, direct
+
+MB = 1024 * 1024
+SHORT = model_name(Timing(ttft=0, tokens=5, gap=0))
+
+
+@contextmanager
+def relay_for(bench: Bench, **settings: Any) -> Iterator[Relay]:
+    """A relay with these settings, or the run's shared one (smoke runs share one relay)."""
+    if bench.shared_relay is not None:
+        yield bench.shared_relay
+        return
+    with Relay(bench.python, bench.workdir, bench.upstream_port, **settings) as relay:
+        yield relay
+
+
+def warm_up(bench: Bench, plan: Plan, surface: Surface, model: str = SHORT) -> None:
+    """A few requests first, so that imports, pools and caches are not measured."""
+    if plan.warm_up:
+        run_load(bench, surface, model, rate=20, duration=1, timeout=30)
+
+
+def _overhead(relay: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
+    def minus(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(a - b, 3)
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else round(a / b, 2)
+
+    return {
+        "p50": minus(relay["ttft_p50"], base["ttft_p50"]),
+        "p99": minus(relay["ttft_p99"], base["ttft_p99"]),
+        "ratio_p50": ratio(relay["ttft_p50"], base["ttft_p50"]),
+        "ratio_p99": ratio(relay["ttft_p99"], base["ttft_p99"]),
+    }
+
+
+def added_latency(
+    bench: Bench, plan: Plan, start_litellm: Callable[[], LiteLLM | None]
+) -> dict[str, Any]:
+    """Scenario 1: time-to-first-token overhead under open-loop load, both surfaces.
+
+    Per offered rate: the upstream directly, then the relay's text and SSE surfaces (one
+    worker), then LiteLLM's proxy at the rates it can take at all; the relay worker's CPU use
+    over each run tells how close it is to saturation.
+    """
+    model = model_name(plan.s1_timing)
+    runs: list[dict[str, Any]] = []
+    base = direct(bench.upstream_port)
+    with relay_for(bench) as relay:
+        for surface in (relay.text(), relay.sse()):
+            warm_up(bench, plan, surface)
+        for rate in plan.s1_rates:
+            bench.say(f"scenario 1 at {rate:g} requests/s")
+            options = {"rate": rate, "duration": plan.s1_duration, "timeout": 30}
+            baseline, _ = run_load(bench, base, model, **options, record_gaps=True)
+            runs.append({**baseline, "rate": rate})
+            for surface in (relay.text(), relay.sse()):
+                worker = relay.worker_pids[0]
+                cpu_before, started = cpu_seconds(worker), time.monotonic()
+                summary, _ = run_load(bench, surface, model, **options, record_gaps=True)
+                cpu = (cpu_seconds(worker) - cpu_before) / (time.monotonic() - started)
+                summary.update(rate=rate, worker_cpu=round(cpu, 3))
+                summary["overhead"] = _overhead(summary, baseline)
+                runs.append(summary)
+    litellm = start_litellm() if plan.s1_litellm_rates else None
+    if litellm is not None:
+        try:
+            warm_up(bench, plan, litellm.sse(), model)
+            for rate in plan.s1_litellm_rates:
+                bench.say(f"scenario 1, LiteLLM at {rate:g} requests/s")
+                options = {"rate": rate, "duration": plan.s1_litellm_duration, "timeout": 30}
+                summary, _ = run_load(bench, litellm.sse(), model, **options, record_gaps=True)
+                baseline = next(r for r in runs if r["rate"] == rate and r["surface"] == base.name)
+                summary.update(rate=rate, overhead=_overhead(summary, baseline))
+                runs.append(summary)
+        finally:
+            litellm.stop()
+    return {"timing": plan.s1_timing.__dict__, "duration": plan.s1_duration, "runs": runs}
+
+
+def gateway(
+    bench: Bench, plan: Plan, start_litellm: Callable[[], LiteLLM | None]
+) -> dict[str, Any]:
+    """Scenario 2: the gateway benchmark: 1.5 s upstream, non-streamed, a fixed rate offered.
+
+    The relay runs two workers (this machine's cores). Peak RSS is the whole process tree's
+    (gunicorn master and workers; LiteLLM and whatever it spawns).
+    """
+    model = model_name(plan.s2_timing)
+    options = {"rate": plan.s2_rate, "duration": plan.s2_duration, "timeout": 60}
+    runs: list[dict[str, Any]] = []
+    cdfs: dict[str, list[float]] = {}
+
+    def measure(surface: Surface, pid: int | None, **override: Any) -> None:
+        bench.say(f"scenario 2: {surface.name} at {plan.s2_rate:g} requests/s")
+        if pid is None:
+            summary, result = run_load(bench, surface, model, **{**options, **override})
+        else:
+            with PeakMemory(pid) as memory:
+                summary, result = run_load(bench, surface, model, **{**options, **override})
+            summary["peak_rss_mb"] = round(memory.peak / MB, 1)
+        totals = [r["total"] * 1000 for r in result["records"] if r["error"] is None]
+        cdfs[surface.name] = quantile_points(totals)
+        runs.append(summary)
+
+    measure(direct(bench.upstream_port, "json"), None)
+    with relay_for(bench, web_concurrency=2) as relay:
+        warm_up(bench, plan, relay.json())
+        measure(relay.json(), relay.master)
+    litellm = start_litellm()  # a fresh one: scenario 1 may have left it backlogged
+    if litellm is not None:
+        try:
+            warm_up(bench, plan, litellm.json(), model)
+            measure(litellm.json(), litellm.pid, duration=plan.s2_litellm_duration)
+        finally:
+            litellm.stop()
+    return {"timing": plan.s2_timing.__dict__, "rate": plan.s2_rate, "runs": runs, "cdf_ms": cdfs}
+
+
+def open_streams(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """Scenario 3: many slow streams (a token a second) open at once in one gevent worker.
+
+    Memory per open stream is the worker's RSS at the plateau less its RSS before, over the
+    stream count; CPU is the worker's over a window while every stream is open.
+    """
+    model = model_name(plan.s3_timing)
+    streams = plan.s3_streams
+    results: list[dict[str, Any]] = []
+    options = {"rate": streams / plan.s3_ramp, "duration": plan.s3_ramp, "timeout": 120}
+    bench.say(f"scenario 3: {streams} streams directly")
+    summary, _ = run_load(bench, direct(bench.upstream_port), model, **options, record_gaps=True)
+    results.append(summary)
+    for kind in ("text", "sse"):
+        with relay_for(bench, worker_connections=streams + 200) as relay:
+            surface = relay.text() if kind == "text" else relay.sse()
+            warm_up(bench, plan, surface)
+            worker = relay.worker_pids[0]
+            time.sleep(1 if plan.warm_up else 0)
+            rss_before = rss_bytes(worker)
+            bench.say(f"scenario 3: {streams} streams through {surface.name}")
+            load = start_load(bench, surface, model, **options, record_gaps=True)
+            time.sleep(plan.s3_ramp + plan.s3_settle)
+            cpu_before, started = cpu_seconds(worker), time.monotonic()
+            peak = rss_bytes(worker)
+            while time.monotonic() - started < plan.s3_window:
+                time.sleep(min(0.5, plan.s3_window))
+                peak = max(peak, rss_bytes(worker))
+            cpu = (cpu_seconds(worker) - cpu_before) / (time.monotonic() - started)
+            summary, _ = load.finish()
+        summary.update(
+            rss_before_mb=round(rss_before / MB, 1),
+            rss_open_mb=round(peak / MB, 1),
+            kb_per_stream=round((peak - rss_before) / 1024 / streams, 1),
+            worker_cpu=round(cpu, 3),
+        )
+        results.append(summary)
+    return {"timing": plan.s3_timing.__dict__, "streams": streams, "runs": results}
+
+
+def throughput(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """Scenario 4: relayed chunks per CPU-second of the worker, fast upstream, closed loop.
+
+    A chunk is one upstream event relayed: a `data:` event on the SSE surface (the finish,
+    usage and [DONE] events included), one content delta on the text surface. The direct run is
+    the ceiling of the measurement itself: what the load generator reads from the upstream.
+    """
+    model = model_name(plan.s4_timing)
+    options = {
+        "mode": "closed",
+        "concurrency": plan.s4_concurrency,
+        "duration": plan.s4_duration,
+        "timeout": 60,
+    }
+    results: list[dict[str, Any]] = []
+    streams = f"{plan.s4_concurrency} streams of {plan.s4_timing.tokens} tokens"
+    bench.say(f"scenario 4: {streams} directly")
+    cpu_before = cpu_seconds(bench.upstream_pid)
+    summary, _ = run_load(bench, direct(bench.upstream_port), model, **options)
+    summary["chunks"] = summary["events"]
+    summary["cpu_seconds"] = round(cpu_seconds(bench.upstream_pid) - cpu_before, 2)
+    results.append(summary)
+    with relay_for(bench) as relay:
+        for surface in (relay.text(), relay.sse()):
+            warm_up(bench, plan, surface)
+            worker = relay.worker_pids[0]
+            bench.say(f"scenario 4: {streams} through {surface.name}")
+            cpu_before = cpu_seconds(worker)
+            summary, _ = run_load(bench, surface, model, **options)
+            if surface.kind == "text":
+                summary["chunks"] = summary["body_bytes"] // len(TOKEN)
+            else:
+                summary["chunks"] = summary["events"]
+            summary["cpu_seconds"] = round(cpu_seconds(worker) - cpu_before, 2)
+            results.append(summary)
+    for summary in results:
+        cpu = summary["cpu_seconds"]
+        summary["chunks_per_second"] = round(summary["chunks"] / summary["elapsed"])
+        relayed = summary["surface"].startswith("relay")
+        summary["chunks_per_cpu_second"] = (
+            round(summary["chunks"] / cpu) if cpu and relayed else None
+        )
+        summary["cpu_utilisation"] = round(cpu / summary["elapsed"], 2)
+    return {"timing": plan.s4_timing.__dict__, "concurrency": plan.s4_concurrency, "runs": results}
