@@ -1,61 +1,77 @@
-"""Keeping a silent stream alive: items pass through, a HEARTBEAT marks each quiet interval."""
+"""Keeping a silent stream alive, and relaying a fast one in batches.
+
+A helper thread (a greenlet under gevent) reads the items; the consumer takes everything that
+arrived since it last looked, as one batch, and gets HEARTBEAT instead when nothing arrived for a
+whole interval. Under gevent the reader runs until its socket has nothing more to give, so a
+fast upstream's events leave in few large writes while a slow one's leave one by one, at once.
+"""
 
 from __future__ import annotations
 
 import contextvars
 import threading
 from collections.abc import Iterator
-from queue import Empty, Full, Queue
 from typing import Any
 
 HEARTBEAT: Any = object()
+
+MAX_AHEAD = 256  # items the reader may hold before the consumer takes them: back-pressure
 
 _END = object()
 
 
 def with_heartbeats(items: Iterator[Any], interval: float) -> Iterator[Any]:
-    """Yield what `items` yields, and HEARTBEAT whenever `interval` seconds pass without an item.
+    """Yield lists of what `items` yielded meanwhile, and HEARTBEAT after `interval` seconds
+    without any.
 
-    `items` is read by a helper thread (a greenlet under gevent) through a one-slot queue, so a
-    slow consumer holds back the reader instead of letting items pile up. Exceptions from `items`
-    are re-raised here. Closing this generator stops the helper once `items` returns or fails;
-    whoever owns `items` must close its source to unblock a read.
+    Exceptions from `items` are re-raised here, after the items that came before them. Closing
+    this generator stops the reader once `items` returns or fails; whoever owns `items` must
+    close its source to unblock a read.
     """
-    queue: Queue = Queue(maxsize=1)
-    stopped = threading.Event()
+    pending: list[Any] = []
+    changed = threading.Condition()
+    stopped = False
+    failure: list[BaseException] = []
 
-    def hand_over(entry: tuple[Any, BaseException | None]) -> None:
-        while not stopped.is_set():
-            try:
-                queue.put(entry, timeout=0.5)
-                return
-            except Full:
-                continue
+    def hand_over(item: Any) -> bool:
+        with changed:
+            while len(pending) >= MAX_AHEAD and not stopped:
+                changed.wait(0.5)
+            pending.append(item)
+            changed.notify()
+            return not stopped
 
-    def pump() -> None:
+    def read() -> None:
         try:
             for item in items:
-                hand_over((item, None))
-                if stopped.is_set():
+                if not hand_over(item):
                     return
-            hand_over((_END, None))
         except BaseException as error:  # handed to the consumer, which re-raises it
-            hand_over((_END, error))
+            failure.append(error)
+        hand_over(_END)
 
     # The reader runs in a copy of this context, so that what it logs names the request.
     context = contextvars.copy_context()
-    threading.Thread(target=context.run, args=(pump,), name="upstream-reader", daemon=True).start()
+    threading.Thread(target=context.run, args=(read,), name="upstream-reader", daemon=True).start()
     try:
         while True:
-            try:
-                item, error = queue.get(timeout=interval)
-            except Empty:
+            with changed:
+                if not pending:
+                    changed.wait(interval)
+                batch = pending[:]
+                pending.clear()
+                changed.notify()
+            if not batch:
                 yield HEARTBEAT
                 continue
-            if item is _END:
-                if error is not None:
-                    raise error
+            if batch[-1] is _END:
+                if len(batch) > 1:
+                    yield batch[:-1]
+                if failure:
+                    raise failure[0]
                 return
-            yield item
+            yield batch
     finally:
-        stopped.set()
+        with changed:
+            stopped = True
+            changed.notify()

@@ -70,11 +70,11 @@ def present_as_sse(stream: ChatStream, heartbeat_interval: float) -> Iterator[by
     """
     try:
         yield b": connected\n\n"
-        for item in with_heartbeats(iter(stream), heartbeat_interval):
-            if item is HEARTBEAT:
+        for batch in with_heartbeats(iter(stream), heartbeat_interval):
+            if batch is HEARTBEAT:
                 yield b": keep-alive\n\n"
             else:
-                yield b"data: " + item[0].encode() + b"\n\n"
+                yield "".join([f"data: {data}\n\n" for data, _ in batch]).encode()
         yield b"data: [DONE]\n\n"
     except ClientDisconnected:
         return
