@@ -6,6 +6,7 @@ reasoning model thinks, and OpenRouter keeps generating (and billing) all that t
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from collections.abc import Callable, Mapping
@@ -29,13 +30,15 @@ def watch_for_disconnect(
     client = environ.get("gunicorn.socket")
     if client is None or not _gevent_is_running():
         return _keep_going
-    import gevent
+    from gevent import spawn
 
-    watcher = gevent.spawn(_wait_until_closed, client, on_disconnect)
+    watcher = spawn(_wait_until_closed, client, on_disconnect)
     return lambda: watcher.kill(block=False)
 
 
+@functools.cache
 def _gevent_is_running() -> bool:
+    """Whether gevent patched this process (once patched, always: the worker patches first)."""
     try:
         from gevent import monkey
     except ImportError:
