@@ -32,8 +32,12 @@ worker_class = "gevent"
 bind = f"0.0.0.0:{_settings.port}"
 workers = _settings.web_concurrency
 worker_connections = _settings.worker_connections
-# On SIGTERM, in-flight streams get this long to finish (Heroku sends SIGKILL 30 s after SIGTERM).
-graceful_timeout = round(_settings.graceful_timeout)
+# On SIGTERM, in-flight streams get GRACEFUL_TIMEOUT to finish (each worker's own setting, see
+# post_worker_init); the master waits a few seconds more before it kills a worker, so that the
+# worker can still write its queued usage rows (worker_exit). Heroku sends SIGKILL 30 s after
+# SIGTERM: 25 + 5 fits.
+_EXIT_MARGIN = 5
+graceful_timeout = round(_settings.graceful_timeout) + _EXIT_MARGIN
 # Streams are long-lived; a gevent worker keeps heartbeating while they run, so this only
 # catches a worker whose event loop is stuck.
 timeout = 30
@@ -46,10 +50,14 @@ errorlog = "-"
 control_socket_disable = True
 
 
+def post_worker_init(worker):
+    worker.cfg.set("graceful_timeout", round(_settings.graceful_timeout))
+
+
 def worker_exit(server, worker):
     """Write the usage rows still queued before the worker goes (a deploy's SIGTERM)."""
     ledger = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("relay.ledger")
-    if ledger is not None and not ledger.flush(timeout=5):
+    if ledger is not None and not ledger.flush(timeout=_EXIT_MARGIN - 2):
         server.log.error("usage ledger: %d rows not written at worker exit", ledger.depth)
 
 

@@ -140,6 +140,7 @@ class Settings:
     allow_client_keys: bool = _setting("ALLOW_CLIENT_KEYS", _flag, True)
     ledger_queue_max: int = _setting("LEDGER_QUEUE_MAX", _positive_int, 10_000)
     redis_url: str = _setting("REDIS_URL", _redis_url, "", secret=True)
+    redis_tls_verify: bool = _setting("REDIS_TLS_VERIFY", _flag, False)
     default_rpm: int = _setting("DEFAULT_RPM", _count, 0)
     default_concurrency: int = _setting("DEFAULT_CONCURRENCY", _count, 0)
     limits_fail_open: bool = _setting("LIMITS_FAIL_OPEN", _flag, True)

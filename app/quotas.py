@@ -79,7 +79,13 @@ class Quotas:
         if settings.redis_url:
             import redis
 
-            options = {"socket_timeout": _REDIS_TIMEOUT, "socket_connect_timeout": _REDIS_TIMEOUT}
+            options: dict[str, Any] = {
+                "socket_timeout": _REDIS_TIMEOUT,
+                "socket_connect_timeout": _REDIS_TIMEOUT,
+            }
+            if settings.redis_url.startswith("rediss:") and not settings.redis_tls_verify:
+                # Heroku Redis serves TLS with a self-signed certificate (its documented setup).
+                options["ssl_cert_reqs"] = None
             client = redis.Redis.from_url(settings.redis_url, **options)
             self._rates = MovingWindowRateLimiter(
                 storage_from_string(settings.redis_url, **options)
