@@ -117,7 +117,9 @@ def _scenario1(result: dict[str, Any]) -> str:
         f"after {timing['ttft'] * 1000:g} ms. The relay runs one gevent worker. *Overhead* is "
         "the relay's TTFT percentile less the upstream's own at the same offered rate (for the "
         "text surface the upstream's first content event is the baseline); *ratio* is relay ÷ "
-        "direct. *Worker CPU* is the relay worker's CPU use over the run (1.0 = one core).\n\n"
+        "direct. *Worker CPU* is the relay worker's CPU use over the run (1.0 = one core). "
+        "Percentiles are over the requests that were answered; requests that timed out "
+        "(30 s) are in *errors*, so a saturated run looks better than it is.\n\n"
     )
     rows = []
     for run in result["runs"]:
