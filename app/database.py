@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    event,
 )
 
 metadata = MetaData()
@@ -63,7 +64,9 @@ def engine_for(database_url: str, instance_path: str) -> Engine:
         Path(instance_path).mkdir(parents=True, exist_ok=True)
         database_url = f"sqlite:///{Path(instance_path) / 'relay.sqlite3'}"
     if database_url.startswith("sqlite"):
-        return create_engine(database_url, connect_args={"timeout": 5})
+        engine = create_engine(database_url, connect_args={"timeout": 5})
+        event.listen(engine, "connect", _sqlite_for_a_busy_service)
+        return engine
     scheme, rest = database_url.split("://", 1)
     if scheme in ("postgres", "postgresql"):
         database_url = f"postgresql+psycopg://{rest}"  # Heroku still sets postgres://
@@ -75,3 +78,11 @@ def engine_for(database_url: str, instance_path: str) -> Engine:
         pool_pre_ping=True,
         connect_args={"connect_timeout": 3},
     )
+
+
+def _sqlite_for_a_busy_service(connection, _record) -> None:
+    """WAL: readers never wait for the ledger's writer, and a commit syncs the log only at
+    checkpoints. sqlite3 is not cooperative under gevent, so every fsync a commit waits for
+    stalls all the worker's streams."""
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
