@@ -37,8 +37,12 @@ def open_stream(
         )
     stream.on_close(admission.release)
     ledger.follow(stream, row)
-    count_open_stream(stream, surface)
-    stream.on_close(watch_for_disconnect(request.environ, stream.abandon))
+    try:
+        count_open_stream(stream, surface)
+        stream.on_close(watch_for_disconnect(request.environ, stream.abandon))
+    except BaseException:
+        stream.close()
+        raise
     headers = {
         **STREAM_HEADERS,
         **admission.headers,

@@ -101,7 +101,11 @@ class ChatStream:
             return
         self.closed = True
         while self._on_close:
-            self._on_close.pop()()
+            callback = self._on_close.pop()
+            try:
+                callback()
+            except Exception:  # the other callbacks (ledger row, slot) must still run
+                log.exception("a stream's close callback failed")
         self._release()
 
     def _release(self) -> None:
@@ -112,7 +116,14 @@ class ChatStream:
             return
         with contextlib.suppress(ValueError, RuntimeError, OSError):
             raw.shutdown()  # wakes a read blocked in another thread
-        self._response.close()
+        # While that read still holds the body's buffer, closing it raises ("reentrant call"):
+        # the connection itself is closed then, which is what tells OpenRouter to stop.
+        with contextlib.suppress(ValueError, RuntimeError, OSError):
+            self._response.close()
+        connection = getattr(raw, "_connection", None)
+        if connection is not None:
+            with contextlib.suppress(OSError):
+                connection.close()
 
     def _reads(self) -> Iterator[bytes]:
         """The body as it arrives, one network read at a time (never waiting to fill a buffer).

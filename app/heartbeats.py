@@ -16,7 +16,7 @@ from typing import Any
 
 HEARTBEAT: Any = object()
 
-MAX_AHEAD = 256  # items the reader may hold before the consumer takes them: back-pressure
+MAX_AHEAD = 32  # items the reader may hold before the consumer takes them: back-pressure
 
 _END = object()
 

@@ -275,6 +275,8 @@ class RedisSlots:
             pipeline = self._client.pipeline(transaction=False)
             for key, slot in held:
                 pipeline.zadd(key, {slot: expiry}, xx=True)
+            for key in {key for key, _ in held}:  # the set itself must outlive its live slots
+                pipeline.expire(key, math.ceil(self._ttl * 2))
             try:
                 pipeline.execute()
             except RedisError as error:

@@ -111,15 +111,17 @@ def finish(record: RequestRecord, status: int) -> None:
     REQUESTS.labels(record.surface, str(status), model).inc()
     if not went_upstream:
         return
+    # Profile names are few; one series per bring-your-own key would be a series per caller.
+    profile = "byok" if row.caller.startswith("byok:") else row.caller
     if row.ttft_ms is not None:
         TIME_TO_FIRST_TOKEN.labels(record.surface).observe(row.ttft_ms / 1000)
     STREAM_DURATION.labels(record.surface, row.outcome).observe(duration)
     for kind in ("prompt", "completion"):
         count = getattr(row, f"{kind}_tokens")
         if count:
-            TOKENS.labels(row.caller, model, kind).inc(count)
+            TOKENS.labels(profile, model, kind).inc(count)
     if row.cost:
-        COST.labels(row.caller, model).inc(row.cost)
+        COST.labels(profile, model).inc(row.cost)
 
 
 def _client_address() -> str:

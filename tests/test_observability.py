@@ -287,3 +287,23 @@ def test_a_malformed_cors_origin_stops_the_service_at_start():
 
     with pytest.raises(ConfigError, match="CORS_ORIGINS"):
         Settings.from_environ({"CORS_ORIGINS": "chat.example.com"})
+
+
+def test_a_stream_whose_client_left_during_silence_still_leaves_its_line(start_relay, fake):
+    relay = start_relay(HEARTBEAT_INTERVAL="0.2")
+    fake.script("m/quiet", Scenario(tokens=["thinking", "never"], stall_after=1))
+    with requests.post(
+        relay.url + OPENAI,
+        json={"model": "m/quiet", "messages": MESSAGES, "stream": True},
+        headers={"X-Request-ID": "left-early"},
+        stream=True,
+    ) as streamed:
+        received = b""
+        for piece in streamed.iter_content(None):  # read up to the first token, then leave
+            received += piece
+            if b"thinking" in received:
+                break
+    assert fake.wait_for(lambda: fake.requests_for("m/quiet")[-1].client_gone, 5)
+    (line,) = [line for line in wait_for_lines(relay, 1) if line["request_id"] == "left-early"]
+    assert line["outcome"] == "client_aborted"
+    assert "Traceback" not in relay.log()
