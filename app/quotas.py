@@ -208,6 +208,8 @@ class LocalSlots:
         def release() -> None:
             with self._lock:
                 self._held[name] -= 1
+                if not self._held[name]:
+                    del self._held[name]
 
         return release
 

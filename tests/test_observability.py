@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
 from tests.conftest import SERVER_KEY, RelayProcess, env_for, migrate, reset_postgres, sqlite_url
@@ -140,15 +141,13 @@ def test_warnings_carry_the_request_id_of_their_stream(relay, fake):
 
 def metric(text: str, name: str, **labels: str) -> float:
     """The sum of a metric's samples whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
-        if not match or match[1] != name:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', match[2] or ""))
-        if all(found.get(key) == value for key, value in labels.items()):
-            total += float(match[3])
-    return total
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+        and all(sample.labels.get(key) == value for key, value in labels.items())
+    )
 
 
 def test_metrics_add_up_across_two_workers(fake, tmp_path):
