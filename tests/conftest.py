@@ -235,12 +235,14 @@ def profiles_env(fake: FakeOpenRouter, storage_url: str) -> dict[str, str]:
 
 @pytest.fixture
 def redis_url() -> str:
-    """A Redis database of the tests' own (number 15 of REDIS_URL's server), emptied first."""
+    """A Redis database of the tests' own (number 15 of REDIS_URL's server, or TEST_REDIS_DB so that
+    two checkouts can run their tests at once), emptied first."""
     url = os.environ.get("REDIS_URL", "")
     if not url.startswith(("redis://", "rediss://")):
         pytest.skip("REDIS_URL does not name a Redis server")
     import redis
 
-    own = url.rsplit("/", 1)[0] + "/15" if url.count("/") > 2 else url + "/15"
+    number = os.environ.get("TEST_REDIS_DB", "15")
+    own = (url.rsplit("/", 1)[0] if url.count("/") > 2 else url) + f"/{number}"
     redis.Redis.from_url(own).flushdb()
     return own
