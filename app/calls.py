@@ -3,16 +3,18 @@ limits, recorded in the usage ledger, counted, and ended when the client goes aw
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Response, current_app, request
 
 from .disconnects import watch_for_disconnect
 from .events import ChatStream
+from .heartbeats import HEARTBEAT, HeartbeatReader
 from .keys import Caller
 from .ledger import UsageRow
 from .metrics import count_open_stream
+from .presenters import Opening, present_as_sse
 from .requestlog import current_request_id, note_usage
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -57,6 +59,32 @@ def streamed_response(
     """The response that sends `body`; closing it closes the stream, even if it was never read."""
     response = Response(body, content_type=content_type, headers=headers)
     response.call_on_close(stream.close)
+    return response
+
+
+def event_stream_response(
+    open_: Callable[[], tuple[ChatStream, dict[str, str]]], heartbeat_interval: float
+) -> Response:
+    """The SSE response for a stream that `open_` starts, opened in the heartbeat reader's thread.
+
+    When OpenRouter answers within a heartbeat interval (it normally answers at once), a refusal
+    or an upstream error before the stream is still an error response with its status, which the
+    SDKs turn into typed errors and retry. When it takes longer (retries, a slow provider), the
+    response starts anyway with a comment and heartbeats, because a router drops a request that
+    sent nothing for 30 s; a failure then arrives as an error event.
+    """
+    opening = Opening(open_)
+    reader = HeartbeatReader(opening, heartbeat_interval)
+    batches = iter(reader)
+    first = next(batches)  # raises what kept the stream from starting
+    if first is HEARTBEAT:
+        headers, first = STREAM_HEADERS, None
+    else:
+        headers, first = first[0].headers, first[1:]
+    response = Response(
+        present_as_sse(batches, first), content_type="text/event-stream", headers=headers
+    )
+    response.call_on_close(reader.stop)
     return response
 
 

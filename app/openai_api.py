@@ -7,10 +7,9 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from .bodies import read_json_object
-from .calls import complete, open_stream, streamed_response
+from .calls import complete, event_stream_response, open_stream
 from .errors import BadRequest, RelayError, handle_errors_as, render_openai_error
 from .keys import resolve_caller
-from .presenters import present_as_sse
 from .reports import caller_summary
 from .schemas import ChatCompletionRequest, load
 
@@ -32,9 +31,9 @@ def chat_completions() -> Response:
     model = payload.get("model") or payload["models"][0]
     payload.setdefault("usage", {"include": True})
     if payload.get("stream"):
-        stream, headers = open_stream(caller, "openai", model, payload)
-        body = present_as_sse(stream, settings.heartbeat_interval)
-        return streamed_response(body, stream, "text/event-stream", headers)
+        return event_stream_response(
+            lambda: open_stream(caller, "openai", model, payload), settings.heartbeat_interval
+        )
     raw, headers = complete(caller, "openai", model, payload)
     return Response(raw.strip(), content_type="application/json", headers=headers)
 

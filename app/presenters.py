@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from .errors import ClientDisconnected, RelayError, StreamCutOff, error_kind
 from .events import ChatStream
-from .heartbeats import HEARTBEAT, with_heartbeats
+from .heartbeats import HEARTBEAT
 
 log = logging.getLogger("relay")
 
@@ -61,20 +63,61 @@ def _cut_off_on_failure(first: bytes | None, pieces: Iterator[bytes]) -> Iterato
         pieces.close()
 
 
-def present_as_sse(stream: ChatStream, heartbeat_interval: float) -> Iterator[bytes]:
+@dataclass
+class Opened:
+    """The first item of an opening's reader: the stream, and the headers its response carries."""
+
+    stream: ChatStream
+    headers: dict[str, str]
+
+
+class Opening:
+    """Iterating opens the stream (in the reader's thread), yields Opened, then the stream's
+    events. `close()` may be called from any thread, before, during or after the opening."""
+
+    def __init__(self, open_stream: Callable[[], tuple[ChatStream, dict[str, str]]]) -> None:
+        self._open_stream = open_stream
+        self._stream: ChatStream | None = None
+        self._closed = False
+
+    def __iter__(self) -> Iterator[Any]:
+        stream, headers = self._open_stream()
+        self._stream = stream
+        try:
+            if not self._closed:
+                yield Opened(stream, headers)
+                yield from stream
+        finally:
+            stream.close()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._stream is not None:
+            self._stream.close()
+
+
+def present_as_sse(batches: Iterator, first: list | None = None) -> Iterator[bytes]:
     """OpenAI's event stream: OpenRouter's events relayed as they come, then `data: [DONE]`.
 
-    A comment goes out at once (so the headers leave now) and again whenever the upstream has been
-    silent for `heartbeat_interval`. A failure mid-stream becomes one error event and the stream
-    ends without `[DONE]`, which the OpenAI SDKs raise as an APIError.
+    `batches` iterates a HeartbeatReader over an Opening; `first` is the batch the caller
+    already took from it, if any. A comment goes out at once (so that the headers leave now) and
+    again whenever nothing arrived for a heartbeat interval, even while the stream is still being
+    opened. A failure, before the first event or after it, becomes one error event and the
+    stream ends without `[DONE]`, which the OpenAI SDKs raise as an APIError.
     """
     try:
         yield b": connected\n\n"
-        for batch in with_heartbeats(iter(stream), heartbeat_interval):
+        if first:
+            yield "".join([f"data: {data}\n\n" for data, _ in first]).encode()
+        for batch in batches:
             if batch is HEARTBEAT:
                 yield b": keep-alive\n\n"
-            else:
-                yield "".join([f"data: {data}\n\n" for data, _ in batch]).encode()
+                continue
+            if type(batch[0]) is Opened:
+                batch = batch[1:]
+                if not batch:
+                    continue
+            yield "".join([f"data: {data}\n\n" for data, _ in batch]).encode()
         yield b"data: [DONE]\n\n"
     except ClientDisconnected:
         return
@@ -82,7 +125,7 @@ def present_as_sse(stream: ChatStream, heartbeat_interval: float) -> Iterator[by
         log.warning("ending the event stream with an error event: %s", error.message)
         yield b"data: " + json.dumps(stream_error_body(error)).encode() + b"\n\n"
     finally:
-        stream.close()
+        batches.close()
 
 
 def stream_error_body(error: RelayError) -> dict[str, object]:

@@ -104,7 +104,11 @@ def test_openrouter_fields_arrive_upstream_unchanged(sdk, fake):
 
 def read_chunked_body(client: socket.socket) -> bytes:
     """Read a whole chunked HTTP/1.1 response off a raw socket and return its de-chunked body."""
-    raw = b""
+    return read_chunked_body_after(client, b"")
+
+
+def read_chunked_body_after(client: socket.socket, raw: bytes) -> bytes:
+    """read_chunked_body for a response whose first bytes (`raw`) were read already."""
     while b"\r\n0\r\n\r\n" not in raw:
         data = client.recv(65536)
         assert data, "connection closed before the end of the body"
@@ -147,6 +151,47 @@ def test_heartbeats_flow_while_the_upstream_is_silent(start_relay, fake):
     first, second = [i for i, event in enumerate(events) if '"delta"' in event][:2]
     assert events[first + 1 : second].count(": keep-alive") >= 3
     assert events[-1] == "data: [DONE]"
+
+
+def test_a_slow_upstream_cannot_delay_the_first_byte_past_a_heartbeat(start_relay, fake):
+    """A router drops a request that sent nothing for 30 s: the response starts within a
+    heartbeat interval even while OpenRouter has not answered yet."""
+    relay = start_relay(HEARTBEAT_INTERVAL="0.3")
+    fake.script("m/late", Scenario(headers_delay=2.5, tokens=["late"]))
+    payload = {"model": "m/late", "messages": MESSAGES, "stream": True}
+    with start_raw_stream(relay.port, payload, path="/v1/chat/completions") as client:
+        sent = time.monotonic()
+        first = client.recv(65536)
+        waited = time.monotonic() - sent
+        body = read_chunked_body_after(client, first).decode()
+    assert first.startswith(b"HTTP/1.1 200") and waited < 2.0
+    events = body.split("\n\n")[:-1]
+    assert events[0] == ": connected" and ": keep-alive" in events
+    assert '"late"' in body and events[-1] == "data: [DONE]"
+
+
+def test_a_refusal_after_the_first_byte_is_an_error_event(start_relay, fake):
+    relay = start_relay(HEARTBEAT_INTERVAL="0.3")
+    fake.script("m/late", Scenario(headers_delay=1.5, status=503, error_message="No provider"))
+    payload = {"model": "m/late", "messages": MESSAGES, "stream": True}
+    with start_raw_stream(relay.port, payload, path="/v1/chat/completions") as client:
+        body = read_chunked_body(client).decode()
+    events = body.split("\n\n")[:-1]
+    assert events[0] == ": connected" and "data: [DONE]" not in events
+    error = json.loads(events[-1].removeprefix("data: "))["error"]
+    assert error["message"] == "No provider" and error["code"] == 503
+
+
+def test_a_client_gone_while_the_stream_opens_closes_the_upstream(start_relay, fake):
+    relay = start_relay(HEARTBEAT_INTERVAL="0.2")
+    fake.script("m/late", Scenario(headers_delay=1.5, tokens=["w "] * 200, interval=0.05))
+    payload = {"model": "m/late", "messages": MESSAGES, "stream": True}
+    with start_raw_stream(relay.port, payload, path="/v1/chat/completions") as client:
+        assert client.recv(65536).startswith(b"HTTP/1.1 200")
+    assert fake.wait_for(lambda: fake.requests_for("m/late"), 5)
+    (upstream,) = fake.requests_for("m/late")
+    # Closed as soon as OpenRouter answers, long before its 200 tokens (10 s) are through.
+    assert fake.wait_for(lambda: upstream.client_gone is not None, 5)
 
 
 @pytest.mark.parametrize("silent", [False, True], ids=["streaming", "silent-upstream"])
