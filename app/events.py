@@ -27,7 +27,8 @@ MAX_EVENT_BYTES = 8 * 1024 * 1024
 class ChatStream:
     """The chunks of one streamed completion, in order; owns the upstream response.
 
-    Iterating yields each event as `(data, chunk)`: its JSON text as sent, and that text parsed.
+    Iterating yields each event as `(data, chunk)`: its JSON text as sent, and that text parsed
+    (see `skim`).
     It ends normally only at OpenRouter's `[DONE]`.
     Anything else (an error event, a dropped connection, a stall past the read timeout,
     an event that is not a chunk) raises an UpstreamError.
@@ -45,8 +46,20 @@ class ChatStream:
         self.first_event_at: float | None = None
         self.retries: int = getattr(response, "relay_retries", 0)
         self._on_close: list[Callable[[], None]] = []
+        self._skimming = False
 
-    def __iter__(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def skim(self) -> None:
+        """Parse only the events the relay must act on, for a presenter that relays events as
+        sent: the first, any naming an error or usage, and any not shaped like a chunk. The
+        others are yielded with `None` for their parsed chunk.
+
+        Parsing is most of a relayed event's cost, and an ordinary content delta holds nothing the
+        relay needs. An error hidden inside message text cannot trigger this: in a JSON string
+        its quotes are escaped.
+        """
+        self._skimming = True
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
         try:
             yield from self._chunks()
         except UpstreamError as error:
@@ -65,13 +78,25 @@ class ChatStream:
             return "timeout" if isinstance(self.failure, UpstreamTimeout) else "upstream_error"
         return "client_aborted"
 
-    def _chunks(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _chunks(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
         try:
             for event in SSEClient(self._reads()).events():
                 if event.data == "[DONE]":
                     self.done = True
                     return
-                yield event.data, self._interpret(event.data)
+                data = event.data
+                if (
+                    self._skimming
+                    and self.first_event_at is not None
+                    and data[:1] == "{"
+                    and data[-1:] == "}"
+                    and '"choices"' in data
+                    and '"error"' not in data
+                    and '"usage"' not in data
+                ):
+                    yield data, None
+                else:
+                    yield data, self._interpret(data)
         except UnicodeDecodeError:
             raise _protocol_error("an event that is not valid UTF-8") from None
         except (ReadTimeoutError, TimeoutError):

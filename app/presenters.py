@@ -82,6 +82,7 @@ class Opening:
 
     def __iter__(self) -> Iterator[Any]:
         stream, headers = self._open_stream()
+        stream.skim()
         self._stream = stream
         try:
             if not self._closed:

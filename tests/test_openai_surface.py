@@ -41,6 +41,21 @@ def test_a_streamed_completion_relays_every_event_then_done(client, fake):
     assert chunks[-1]["usage"]["completion_tokens"] == 2
 
 
+def test_words_like_error_in_the_text_are_relayed_as_text(client, fake):
+    """The SSE relay reads only the events that can matter; a reply quoting "error" or "usage"
+    is not one of them, and the usage chunk still is."""
+    tokens = ["Hi", ' it said "error"', ' and {"usage": 1}', " done"]
+    fake.script("m/q", Scenario(tokens=tokens))
+    response = client.post(COMPLETIONS, json=request_body(model="m/q", stream=True))
+    events = sse_events(response.get_data(as_text=True))
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(event.removeprefix("data: ")) for event in events[1:-1]]
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"]) == "".join(
+        tokens
+    )
+    assert chunks[-1]["usage"]["completion_tokens"] == len(tokens)
+
+
 def test_the_stream_asks_openrouter_for_usage_and_forwards_unknown_fields(client, fake):
     extra = {
         "provider": {"order": ["openai"], "allow_fallbacks": False},
