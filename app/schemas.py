@@ -83,7 +83,9 @@ class MessageContent(fields.Field):
             if not isinstance(part, dict):
                 errors[index] = ["Must be an object with a type."]
                 continue
-            schema = _PART_SCHEMAS.get(part.get("type"), _OTHER_PART)
+            kind = part.get("type")
+            # A type that is not a string (even an unhashable one) falls to OtherPart to be refused.
+            schema = _PART_SCHEMAS.get(kind, _OTHER_PART) if isinstance(kind, str) else _OTHER_PART
             try:
                 parts.append(schema.load(part))
             except ValidationError as error:

@@ -124,6 +124,14 @@ def test_image_parts_are_accepted_and_forwarded(client, fake):
             lambda b: b["messages"].append({"role": "tool", "content": "42"}),
             "messages.2.tool_call_id",
         ),
+        (
+            lambda b: b["messages"][1].update(content=[{"type": {"a": 1}}]),
+            "messages.1.content.0.type",
+        ),
+        (
+            lambda b: b["messages"][1].update(content=[{"type": ["text"], "text": "Hi"}]),
+            "messages.1.content.0.type",
+        ),
     ],
 )
 def test_an_invalid_payload_is_refused_naming_the_field(client, fake, mutate, path):

@@ -158,6 +158,7 @@ def test_a_whole_completion_that_failed_is_an_openai_error(client, fake, scenari
         ("reasoning", {"effort": "extreme"}),
         ("transforms", "middle-out"),
         ("messages", [{"role": "user"}]),
+        ("messages", [{"role": "user", "content": [{"type": {"a": 1}}]}]),
     ],
 )
 def test_each_known_parameter_is_checked(client, fake, field, value):
