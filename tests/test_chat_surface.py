@@ -164,6 +164,33 @@ def test_a_body_that_is_not_a_json_object_is_a_400(client, fake, raw, says):
     assert fake.received == []
 
 
+@pytest.mark.parametrize(
+    ("escaped", "path"),
+    [
+        (r'"content": "\ud800"', "messages.1.content"),
+        (r'"content": "ok \uDFFF then"', "messages.1.content"),
+        (r'"content": [{"type": "text", "text": "\udc00\ud800"}]', "messages.1.content.0.text"),
+        (r'"content": "Hello", "name": "\ud83d"', "messages.1.name"),
+    ],
+)
+def test_a_lone_surrogate_is_refused_naming_the_field(client, fake, escaped, path):
+    raw = json.dumps(chatbot_body()).replace('"content": "Hello"', escaped)
+    response = post(client, raw)
+    assert response.status_code == 400
+    answer = response.get_json()
+    assert list(answer["errors"]) == [path]
+    assert "not valid Unicode" in answer["message"]
+    assert fake.received == []
+
+
+def test_escaped_surrogate_pairs_and_backslashes_are_plain_text(client, fake):
+    raw = json.dumps(chatbot_body()).replace(
+        '"content": "Hello"', r'"content": "\ud83d\ude42 and \\ud800"'
+    )
+    assert post(client, raw).status_code == 200
+    assert fake.received[0].body["messages"][1]["content"] == "\U0001f642 and \\ud800"
+
+
 def test_a_body_over_the_limit_is_a_413(relay_env, fake):
     client = create_app({**relay_env, "MAX_REQUEST_BYTES": "1000"}).test_client()
     body = chatbot_body()

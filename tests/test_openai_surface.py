@@ -171,6 +171,24 @@ def test_each_known_parameter_is_checked(client, fake, field, value):
     assert fake.received == []
 
 
+@pytest.mark.parametrize(
+    ("escaped", "param"),
+    [
+        (r'"content": "\ud800"', "messages.0.content"),
+        (r'"content": "Hi", "a_new_field": {"\udead": 1}', "messages.0.a_new_field"),
+    ],
+)
+def test_a_lone_surrogate_is_refused_naming_the_field(client, fake, escaped, param):
+    raw = json.dumps(request_body(stream=True)).replace('"content": "Hi"', escaped)
+    response = client.post(COMPLETIONS, data=raw, content_type="application/json")
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert "not valid Unicode" in error["message"]
+    assert fake.received == []
+
+
 def test_a_model_or_a_fallback_list_is_required(client, fake):
     response = client.post(COMPLETIONS, json={"messages": [{"role": "user", "content": "Hi"}]})
     assert response.get_json()["error"]["param"] == "model"
