@@ -4,6 +4,7 @@ import json
 import threading
 import time
 
+import jsonschema_rs
 import pytest
 
 from app import create_app
@@ -270,3 +271,32 @@ def test_the_openapi_document_describes_both_surfaces_from_the_schemas(client):
     assert completion["additionalProperties"] is True
     chatbot = document["components"]["schemas"]["ChatSettings"]
     assert chatbot["required"] == ["model"]
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "text", "text": "Hi"},
+        {"type": "text"},
+        {"type": "text", "text": 3},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+        {"type": "image_url", "image_url": "https://example.com/a.png"},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+        {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf,x"}},
+        {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}},
+        {"type": ""},
+        {"type": 7},
+        {"type": {"a": 1}},
+        {"text": "no type"},
+        "just text",
+    ],
+    ids=json.dumps,
+)
+def test_the_document_accepts_exactly_the_content_parts_validation_accepts(client, fake, part):
+    components = client.get("/openapi.json").get_json()["components"]
+    document = jsonschema_rs.Draft4Validator(
+        {"$ref": "#/components/schemas/ChatCompletionRequest", "components": components}
+    )
+    body = request_body(messages=[{"role": "user", "content": [part]}])
+    accepted = client.post(COMPLETIONS, json=body).status_code == 200
+    assert document.is_valid(body) == accepted
