@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -19,6 +20,14 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    # 1e400 would become infinity, which fields passed on unchecked would send upstream as Infinity.
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"{text} is too large for a number")
+    return number
 
 
 def _lone_surrogate_at(payload: Any) -> str | None:
@@ -57,7 +66,7 @@ def read_json_object(request: Request) -> dict[str, Any]:
             f"Request body is not valid UTF-8 (byte {error.start})", {"body": ["Not UTF-8."]}
         ) from None
     try:
-        payload = json.loads(text, parse_constant=_refuse_constant)
+        payload = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as error:
         raise BadRequest(
             f"Request body is not valid JSON: {error.msg} at line {error.lineno} "

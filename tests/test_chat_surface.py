@@ -154,6 +154,11 @@ def test_an_invalid_payload_is_refused_naming_the_field(client, fake, mutate, pa
         (b"[1, 2]", "must be a JSON object"),
         (b'"hello"', "must be a JSON object"),
         (b'{"chatSettings": {"model": "m", "temperature": NaN}, "messages": []}', "NaN"),
+        (
+            b'{"chatSettings": {"model": "m"}, "messages": [{"role": "user", "content": "Hi", '
+            b'"x": -1e400}]}',
+            "-1e400 is too large",
+        ),
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     ],
 )
