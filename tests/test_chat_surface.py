@@ -259,6 +259,20 @@ def test_a_failure_before_the_first_byte_is_an_error_response(client, fake, scen
     assert set(response.get_json()) == {"message"}
 
 
+def test_a_finish_reason_of_error_without_an_error_object_is_an_upstream_error(client, fake):
+    fake.script("m/err", Scenario(error_after=0, error_object=False))
+    response = post(client, chatbot_body("m/err"))
+    assert response.status_code == 502
+    assert response.get_json() == {"message": "OpenRouter reported an error mid-stream"}
+
+
+def test_unknown_chat_settings_are_accepted_and_not_forwarded(client, fake):
+    body = chatbot_body(topP=0.9, assistantId="a-1", someSettingFromNextYear={"on": [True]})
+    assert post(client, body).status_code == 200
+    (received,) = fake.received
+    assert set(received.body) == {"model", "messages", "temperature", "usage", "stream"}
+
+
 def test_a_failure_after_the_first_byte_cuts_the_response_off(client, fake, caplog):
     fake.script("m/cut", Scenario(tokens=["Hel", "lo", " there"], error_after=2))
     response = post(client, chatbot_body("m/cut"), buffered=False)

@@ -69,6 +69,21 @@ def test_a_mid_stream_error_is_one_error_event_and_no_done(client, fake):
     assert len([event for event in events if '"delta"' in event]) == 2
 
 
+def test_a_finish_reason_of_error_without_an_error_object_is_an_upstream_error(client, fake):
+    fake.script("m/err", Scenario(tokens=["a", "b", "c"], error_after=2, error_object=False))
+    response = client.post(COMPLETIONS, json=request_body(model="m/err", stream=True))
+    events = sse_events(response.get_data(as_text=True))
+    assert "data: [DONE]" not in events
+    assert json.loads(events[-1].removeprefix("data: ")) == {
+        "error": {
+            "message": "OpenRouter reported an error mid-stream",
+            "type": "upstream_error",
+            "code": None,
+        }
+    }
+    assert len([event for event in events if '"delta"' in event]) == 2
+
+
 @pytest.mark.parametrize(
     "scenario",
     [
