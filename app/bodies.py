@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any
 
 from flask import Request
@@ -10,9 +12,40 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from .errors import BadRequest, PayloadTooLarge
 
+# A body decoded as UTF-8 holds no surrogate: JSON's \uD800-\uDFFF escapes are the only way in.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# The decoder joins escaped pairs into one character, so any surrogate left in a string is lone.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    # 1e400 would become infinity, which fields passed on unchecked would send upstream as Infinity.
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"{text} is too large for a number")
+    return number
+
+
+def _lone_surrogate_at(payload: Any) -> str | None:
+    """The path of a string in `payload` holding a lone surrogate (for a key, its object's path)."""
+    pending = [("", payload)]
+    while pending:  # not recursive: the body may be nested as deeply as the JSON decoder allows
+        path, value = pending.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path or "body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if _SURROGATE.search(key):
+                    return path or "body"
+                pending.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            pending.extend((f"{path}.{i}" if path else str(i), v) for i, v in enumerate(value))
+    return None
 
 
 def read_json_object(request: Request) -> dict[str, Any]:
@@ -33,7 +66,7 @@ def read_json_object(request: Request) -> dict[str, Any]:
             f"Request body is not valid UTF-8 (byte {error.start})", {"body": ["Not UTF-8."]}
         ) from None
     try:
-        payload = json.loads(text, parse_constant=_refuse_constant)
+        payload = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as error:
         raise BadRequest(
             f"Request body is not valid JSON: {error.msg} at line {error.lineno} "
@@ -49,5 +82,12 @@ def read_json_object(request: Request) -> dict[str, Any]:
         raise BadRequest(
             f"Request body must be a JSON object, not {type(payload).__name__}",
             {"body": ["Not an object."]},
+        )
+    # A lone surrogate cannot be encoded to send upstream; a cheap scan of the bytes finds bodies
+    # that may hold one, and only those are walked.
+    if _SURROGATE_ESCAPE.search(raw) and (path := _lone_surrogate_at(payload)):
+        raise BadRequest(
+            f"Invalid request: {path}: text that is not valid Unicode (a lone surrogate escape)",
+            {path: ["Not valid Unicode: holds a lone surrogate."]},
         )
     return payload

@@ -47,6 +47,11 @@ class ModelList(Schema):
     data = fields.List(fields.Nested(Model), required=True)
 
 
+# Every schema MessageContent may hand a part to; OtherPart's type excludes the others' types.
+_CONTENT_PART_SCHEMAS = [
+    type(part) for part in (*schemas.CONTENT_PARTS.values(), schemas.OTHER_PART)
+]
+
 _CUSTOM_FIELDS: dict[type, dict[str, Any]] = {
     schemas.MessageContent: {
         "oneOf": [
@@ -55,8 +60,8 @@ _CUSTOM_FIELDS: dict[type, dict[str, Any]] = {
                 "type": "array",
                 "items": {
                     "oneOf": [
-                        {"$ref": "#/components/schemas/TextPart"},
-                        {"$ref": "#/components/schemas/ImagePart"},
+                        {"$ref": f"#/components/schemas/{part.__name__}"}
+                        for part in _CONTENT_PART_SCHEMAS
                     ]
                 },
             },
@@ -86,11 +91,13 @@ _CUSTOM_FIELDS: dict[type, dict[str, Any]] = {
 
 
 def _custom_field(self: Any, field: fields.Field, **kwargs: Any) -> dict[str, Any]:
-    """What apispec cannot infer: our union-typed fields, and exclusive lower bounds."""
+    """What apispec cannot infer: our union-typed fields, exclusive lower bounds, and NoneOf."""
     properties = dict(_CUSTOM_FIELDS.get(type(field), {}))
     for validator in field.validators:
         if isinstance(validator, validate.Range) and not validator.min_inclusive:
             properties["exclusiveMinimum"] = True
+        if isinstance(validator, validate.NoneOf):
+            properties["not"] = {"enum": list(validator.iterable)}
     return properties
 
 
@@ -134,8 +141,7 @@ def build_spec() -> dict[str, Any]:
     for name, schema in [
         ("ChatbotRequest", schemas.ChatbotRequest),
         ("ChatCompletionRequest", schemas.ChatCompletionRequest),
-        ("TextPart", schemas.TextPart),
-        ("ImagePart", schemas.ImagePart),
+        *((part.__name__, part) for part in _CONTENT_PART_SCHEMAS),
         ("MessageError", MessageError),
         ("OpenAIError", OpenAIError),
         ("Model", Model),

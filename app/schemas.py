@@ -57,17 +57,22 @@ class ImagePart(Schema):
     image_url = fields.Nested(ImageUrl, required=True)
 
 
+CONTENT_PARTS: dict[str, Schema] = {"text": TextPart(), "image_url": ImagePart()}
+
+
 class OtherPart(Schema):
     """Audio, file and video parts: OpenRouter checks them; the relay only requires a type."""
 
     class Meta:
         unknown = INCLUDE
 
-    type = NonEmptyString(required=True)
+    # Never refused for a known type (MessageContent sends those elsewhere): it documents the split.
+    type = fields.String(
+        required=True, validate=[validate.Length(min=1), validate.NoneOf(tuple(CONTENT_PARTS))]
+    )
 
 
-_PART_SCHEMAS = {"text": TextPart(), "image_url": ImagePart()}
-_OTHER_PART = OtherPart()
+OTHER_PART = OtherPart()
 
 
 class MessageContent(fields.Field):
@@ -83,7 +88,9 @@ class MessageContent(fields.Field):
             if not isinstance(part, dict):
                 errors[index] = ["Must be an object with a type."]
                 continue
-            schema = _PART_SCHEMAS.get(part.get("type"), _OTHER_PART)
+            kind = part.get("type")
+            # A type that is not a string (even an unhashable one) falls to OtherPart to be refused.
+            schema = CONTENT_PARTS.get(kind, OTHER_PART) if isinstance(kind, str) else OTHER_PART
             try:
                 parts.append(schema.load(part))
             except ValidationError as error:

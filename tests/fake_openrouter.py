@@ -60,6 +60,7 @@ class Scenario:
     retry_after: str | None = None
     error_after: int | None = None
     error_code: int | str = 502
+    error_object: bool = True  # False: the error event has finish_reason "error" but no `error`
     drop_after: int | None = None
     stall_after: int | None = None
     raw_body: bytes | None = None
@@ -331,7 +332,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error_event(self, received: Received, scenario: Scenario, model: str) -> None:
         chunk = self._chunk_of(model, [_choice({"content": ""}, "error")])
-        chunk["error"] = {"code": scenario.error_code, "message": scenario.error_message}
+        if scenario.error_object:
+            chunk["error"] = {"code": scenario.error_code, "message": scenario.error_message}
         self._event(received, scenario, chunk)
         self._write(received, b"0\r\n\r\n")
         received.finished = time.monotonic()

@@ -124,6 +124,14 @@ def test_image_parts_are_accepted_and_forwarded(client, fake):
             lambda b: b["messages"].append({"role": "tool", "content": "42"}),
             "messages.2.tool_call_id",
         ),
+        (
+            lambda b: b["messages"][1].update(content=[{"type": {"a": 1}}]),
+            "messages.1.content.0.type",
+        ),
+        (
+            lambda b: b["messages"][1].update(content=[{"type": ["text"], "text": "Hi"}]),
+            "messages.1.content.0.type",
+        ),
     ],
 )
 def test_an_invalid_payload_is_refused_naming_the_field(client, fake, mutate, path):
@@ -146,6 +154,11 @@ def test_an_invalid_payload_is_refused_naming_the_field(client, fake, mutate, pa
         (b"[1, 2]", "must be a JSON object"),
         (b'"hello"', "must be a JSON object"),
         (b'{"chatSettings": {"model": "m", "temperature": NaN}, "messages": []}', "NaN"),
+        (
+            b'{"chatSettings": {"model": "m"}, "messages": [{"role": "user", "content": "Hi", '
+            b'"x": -1e400}]}',
+            "-1e400 is too large",
+        ),
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     ],
 )
@@ -154,6 +167,33 @@ def test_a_body_that_is_not_a_json_object_is_a_400(client, fake, raw, says):
     assert response.status_code == 400
     assert says in response.get_json()["message"]
     assert fake.received == []
+
+
+@pytest.mark.parametrize(
+    ("escaped", "path"),
+    [
+        (r'"content": "\ud800"', "messages.1.content"),
+        (r'"content": "ok \uDFFF then"', "messages.1.content"),
+        (r'"content": [{"type": "text", "text": "\udc00\ud800"}]', "messages.1.content.0.text"),
+        (r'"content": "Hello", "name": "\ud83d"', "messages.1.name"),
+    ],
+)
+def test_a_lone_surrogate_is_refused_naming_the_field(client, fake, escaped, path):
+    raw = json.dumps(chatbot_body()).replace('"content": "Hello"', escaped)
+    response = post(client, raw)
+    assert response.status_code == 400
+    answer = response.get_json()
+    assert list(answer["errors"]) == [path]
+    assert "not valid Unicode" in answer["message"]
+    assert fake.received == []
+
+
+def test_escaped_surrogate_pairs_and_backslashes_are_plain_text(client, fake):
+    raw = json.dumps(chatbot_body()).replace(
+        '"content": "Hello"', r'"content": "\ud83d\ude42 and \\ud800"'
+    )
+    assert post(client, raw).status_code == 200
+    assert fake.received[0].body["messages"][1]["content"] == "\U0001f642 and \\ud800"
 
 
 def test_a_body_over_the_limit_is_a_413(relay_env, fake):
@@ -217,6 +257,20 @@ def test_a_failure_before_the_first_byte_is_an_error_response(client, fake, scen
     response = post(client, chatbot_body("m/bad"))
     assert response.status_code >= 500
     assert set(response.get_json()) == {"message"}
+
+
+def test_a_finish_reason_of_error_without_an_error_object_is_an_upstream_error(client, fake):
+    fake.script("m/err", Scenario(error_after=0, error_object=False))
+    response = post(client, chatbot_body("m/err"))
+    assert response.status_code == 502
+    assert response.get_json() == {"message": "OpenRouter reported an error mid-stream"}
+
+
+def test_unknown_chat_settings_are_accepted_and_not_forwarded(client, fake):
+    body = chatbot_body(topP=0.9, assistantId="a-1", someSettingFromNextYear={"on": [True]})
+    assert post(client, body).status_code == 200
+    (received,) = fake.received
+    assert set(received.body) == {"model", "messages", "temperature", "usage", "stream"}
 
 
 def test_a_failure_after_the_first_byte_cuts_the_response_off(client, fake, caplog):

@@ -4,6 +4,7 @@ import json
 import threading
 import time
 
+import jsonschema_rs
 import pytest
 
 from app import create_app
@@ -79,6 +80,21 @@ def test_a_mid_stream_error_is_one_error_event_and_no_done(client, fake):
     assert "data: [DONE]" not in events
     assert json.loads(events[-1].removeprefix("data: ")) == {
         "error": {"message": "Boom", "type": "upstream_error", "code": 502}
+    }
+    assert len([event for event in events if '"delta"' in event]) == 2
+
+
+def test_a_finish_reason_of_error_without_an_error_object_is_an_upstream_error(client, fake):
+    fake.script("m/err", Scenario(tokens=["a", "b", "c"], error_after=2, error_object=False))
+    response = client.post(COMPLETIONS, json=request_body(model="m/err", stream=True))
+    events = sse_events(response.get_data(as_text=True))
+    assert "data: [DONE]" not in events
+    assert json.loads(events[-1].removeprefix("data: ")) == {
+        "error": {
+            "message": "OpenRouter reported an error mid-stream",
+            "type": "upstream_error",
+            "code": None,
+        }
     }
     assert len([event for event in events if '"delta"' in event]) == 2
 
@@ -173,6 +189,7 @@ def test_a_whole_completion_that_failed_is_an_openai_error(client, fake, scenari
         ("reasoning", {"effort": "extreme"}),
         ("transforms", "middle-out"),
         ("messages", [{"role": "user"}]),
+        ("messages", [{"role": "user", "content": [{"type": {"a": 1}}]}]),
     ],
 )
 def test_each_known_parameter_is_checked(client, fake, field, value):
@@ -182,6 +199,24 @@ def test_each_known_parameter_is_checked(client, fake, field, value):
     error = response.get_json()["error"]
     assert error["type"] == "invalid_request_error"
     assert error["param"].split(".")[0] == field
+    assert fake.received == []
+
+
+@pytest.mark.parametrize(
+    ("escaped", "param"),
+    [
+        (r'"content": "\ud800"', "messages.0.content"),
+        (r'"content": "Hi", "a_new_field": {"\udead": 1}', "messages.0.a_new_field"),
+    ],
+)
+def test_a_lone_surrogate_is_refused_naming_the_field(client, fake, escaped, param):
+    raw = json.dumps(request_body(stream=True)).replace('"content": "Hi"', escaped)
+    response = client.post(COMPLETIONS, data=raw, content_type="application/json")
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert "not valid Unicode" in error["message"]
     assert fake.received == []
 
 
@@ -266,3 +301,32 @@ def test_the_openapi_document_describes_both_surfaces_from_the_schemas(client):
     assert completion["additionalProperties"] is True
     chatbot = document["components"]["schemas"]["ChatSettings"]
     assert chatbot["required"] == ["model"]
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "text", "text": "Hi"},
+        {"type": "text"},
+        {"type": "text", "text": 3},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+        {"type": "image_url", "image_url": "https://example.com/a.png"},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+        {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf,x"}},
+        {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}},
+        {"type": ""},
+        {"type": 7},
+        {"type": {"a": 1}},
+        {"text": "no type"},
+        "just text",
+    ],
+    ids=json.dumps,
+)
+def test_the_document_accepts_exactly_the_content_parts_validation_accepts(client, fake, part):
+    components = client.get("/openapi.json").get_json()["components"]
+    document = jsonschema_rs.Draft4Validator(
+        {"$ref": "#/components/schemas/ChatCompletionRequest", "components": components}
+    )
+    body = request_body(messages=[{"role": "user", "content": [part]}])
+    accepted = client.post(COMPLETIONS, json=body).status_code == 200
+    assert document.is_valid(body) == accepted
