@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from app import create_app
 from app.database import usage
+from app.ledger import UsageRow
 from tests.fake_openrouter import Scenario
 from tests.tcp_proxy import TcpProxy
 
@@ -142,6 +143,49 @@ def test_the_usage_report_and_endpoint_total_by_profile_model_and_outcome(app, t
     assert summary["completion_tokens"] == 12
     assert client.get("/v1/usage?since=yesterday", headers=auth(token)).status_code == 400
     assert client.get("/v1/usage").status_code == 401
+
+
+def test_values_the_columns_cannot_hold_are_fitted_and_the_row_written(app, token, fake):
+    odd_completion = {
+        "id": {"not": "a string"},
+        "model": "m/" + "y" * 300,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 2**70, "completion_tokens": 3, "cost": 10**400},
+    }
+    fake.script(
+        "m/odd",
+        Scenario(raw_body=json.dumps(odd_completion).encode(), raw_content_type="application/json"),
+    )
+    body = {"model": "m/odd", "messages": MESSAGES}
+    response = app.test_client().post("/v1/chat/completions", json=body, headers=auth(token))
+    assert response.status_code == 200
+    (row,) = rows(app)
+    assert row["model_served"] == odd_completion["model"][:200]
+    assert row["prompt_tokens"] == 2**31 - 1
+    assert row["completion_tokens"] == 3
+    assert row["cost"] is None and row["generation_id"] is None
+
+
+def test_a_row_the_database_refuses_is_dropped_alone_and_the_writer_goes_on(app, caplog):
+    ledger = app.extensions["relay.ledger"]
+
+    def row(**fields) -> UsageRow:
+        return UsageRow(
+            **{"caller": "team-a", "surface": "openai", "model_requested": "m/ok", **fields}
+        )
+
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        ledger.record(row())
+        ledger.record(row(caller=None, model_requested="m/secret-1"))  # NOT NULL
+        ledger.record(row(at="not a time", model_requested="m/secret-2"))
+        ledger.record(row())
+        assert ledger.flush(10)
+        ledger.record(row())
+        recorded = rows(app)
+    assert [r["model_requested"] for r in recorded] == ["m/ok"] * 3
+    assert (ledger.written, ledger.dropped, ledger.unwritten) == (3, 2, 0)
+    assert "database refused" in caplog.text
+    assert "secret" not in caplog.text
 
 
 def test_an_unreachable_database_never_fails_a_chat_and_drops_are_bounded(

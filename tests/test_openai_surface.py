@@ -125,8 +125,10 @@ def test_a_whole_completion_that_failed_is_an_openai_error(client, fake, scenari
     ("field", "value"),
     [
         ("model", ""),
+        ("model", "m/" + "x" * 199),
         ("models", []),
         ("models", ["ok", 3]),
+        ("models", ["ok", "m/" + "x" * 199]),
         ("temperature", 2.1),
         ("temperature", "1"),
         ("top_p", 0),
