@@ -28,7 +28,8 @@ def chat_completions() -> Response:
     extensions = current_app.extensions
     settings = extensions["relay.settings"]
     caller = resolve_caller(request, settings, extensions["relay.profiles"])
-    caller.check_models(payload["models"] if "models" in payload else [payload["model"]])
+    named = [payload["model"]] if "model" in payload else []
+    caller.check_models([*named, *payload.get("models", [])])
     model = payload.get("model") or payload["models"][0]
     payload.setdefault("usage", {"include": True})
     if payload.get("stream"):

@@ -192,6 +192,24 @@ def test_a_model_outside_the_profile_patterns_is_a_403_naming_it(cli, app, fake)
     assert len(fake.received) == 2
 
 
+@pytest.mark.parametrize(
+    ("model", "models", "refused"),
+    [
+        ("meta/llama-3-70b", ["openai/gpt-4o"], "meta/llama-3-70b"),
+        ("openai/gpt-4o", ["openai/gpt-4o-mini", "meta/llama-3-70b"], "meta/llama-3-70b"),
+    ],
+)
+def test_with_model_and_models_every_model_named_is_checked(cli, app, fake, model, models, refused):
+    token = token_of(cli("profiles", "create", "t", "--models", "openai/*"))
+    body = {"model": model, "models": models, "messages": MESSAGES}
+    response = app.test_client().post(
+        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 403
+    assert refused in response.get_json()["error"]["message"]
+    assert fake.received == []
+
+
 def test_the_cli_end_to_end_through_flask_and_wsgi(tmp_path: Path):
     env = {
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
