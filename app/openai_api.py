@@ -60,7 +60,9 @@ def retrieve_model(model_id: str) -> Response:
 def usage_summary() -> Response:
     """The calling profile's own totals, overall and by model and outcome."""
     extensions = current_app.extensions
-    caller = resolve_caller(request, extensions["relay.settings"], extensions["relay.profiles"])
+    caller = resolve_caller(
+        request, extensions["relay.settings"], extensions["relay.profiles"], paying=False
+    )
     since = request.args.get("since")
     try:
         start = datetime.fromisoformat(since) if since else None

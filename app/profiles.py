@@ -139,7 +139,8 @@ class ProfileStore:
                 raise ProfileError(f"no profile named {name!r}")
 
     def authenticate(self, token: str) -> tuple[Profile, str | None] | None:
-        """The enabled profile holding `token`, with its own OpenRouter key if it has one."""
+        """The enabled profile holding `token`, with its own OpenRouter key: None when it has
+        none, or when the key cannot be decrypted (then `has_own_key` is still true)."""
         wanted = hash_token(token)
         with self.engine.connect() as connection:
             row = connection.execute(

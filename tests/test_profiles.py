@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -146,6 +147,30 @@ def test_key_precedence_own_key_then_profile_key_then_server_key(cli, app, fake)
     chatbot(client, without_key).get_data()
     sent = [request.header("Authorization") for request in fake.received]
     assert sent == [f"Bearer {CLIENT_KEY}", f"Bearer {PROFILE_KEY}", f"Bearer {SERVER_KEY}"]
+
+
+@pytest.mark.parametrize("secret_key", ["a-different-secret-key", ""])
+def test_a_profile_key_that_cannot_be_decrypted_refuses_the_request(
+    cli, profiles_env, fake, caplog, secret_key
+):
+    token = token_of(
+        cli("profiles", "create", "payer", "--openrouter-key-env", "K", env={"K": PROFILE_KEY})
+    )
+    client = create_app({**profiles_env, "SECRET_KEY": secret_key}).test_client()
+    with caplog.at_level(logging.ERROR, logger="relay"):
+        chatbot_answer = chatbot(client, token)
+        openai_answer = openai_call(client, token)
+    assert chatbot_answer.status_code == openai_answer.status_code == 500
+    assert "'payer'" in chatbot_answer.get_json()["message"]
+    error = openai_answer.get_json()["error"]
+    assert "'payer'" in error["message"] and error["type"] == "server_error"
+    assert fake.received == []
+    said = [r.getMessage() for r in caplog.records if "cannot be decrypted" in r.getMessage()]
+    assert len(said) == 2 and all("'payer'" in line for line in said)
+    everything = chatbot_answer.get_data(as_text=True) + openai_answer.get_data(as_text=True)
+    assert PROFILE_KEY not in everything + caplog.text and SERVER_KEY not in everything
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.get("/v1/usage", headers=headers).status_code == 200
 
 
 def test_without_any_key_the_seed_message_comes_back(cli, profiles_env):
