@@ -31,7 +31,8 @@ def chat_completions() -> Response:
     named = [payload["model"]] if "model" in payload else []
     caller.check_models([*named, *payload.get("models", [])])
     model = payload.get("model") or payload["models"][0]
-    payload.setdefault("usage", {"include": True})
+    # Costs and budgets come from the usage OpenRouter reports: a caller cannot turn it off.
+    payload["usage"] = {**payload.get("usage", {}), "include": True}
     if payload.get("stream"):
         stream, headers = open_stream(caller, "openai", model, payload)
         body = present_as_sse(stream, settings.heartbeat_interval)
