@@ -7,14 +7,12 @@ import logging
 from dataclasses import dataclass
 
 from flask import Request
-from sqlalchemy.exc import SQLAlchemyError
 
 from .config import Settings
 from .errors import (
     Forbidden,
     KeyNotFound,
     ProfileKeyUnreadable,
-    StorageUnavailable,
     Unauthorized,
 )
 from .profiles import Profile, ProfileStore
@@ -66,11 +64,7 @@ def resolve_caller(
         return Caller(name="open", key=_server_key(settings) if paying else "")
     if not token:
         raise Unauthorized("Missing bearer token: send Authorization: Bearer <profile token>")
-    try:
-        found = store.authenticate(token)
-    except SQLAlchemyError as error:
-        log.error("profile lookup failed: %s", type(error).__name__)
-        raise StorageUnavailable() from None
+    found = store.authenticate(token)
     if found is None:
         raise Unauthorized("Invalid or disabled token")
     profile, own_key = found

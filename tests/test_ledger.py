@@ -6,14 +6,17 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
 
 from app import create_app
 from app.database import usage
 from app.ledger import UsageRow
+from tests.conftest import env_for, migrate, reset_postgres, sqlite_url
 from tests.fake_openrouter import Scenario
 from tests.tcp_proxy import TcpProxy
 
@@ -208,13 +211,36 @@ def test_an_unreachable_database_never_fails_a_chat_and_drops_are_bounded(
     assert "usage ledger full" in caplog.text
 
 
-@pytest.mark.skipif(
-    not os.environ.get("DATABASE_URL", "").startswith(("postgres", "postgresql")),
-    reason="needs DATABASE_URL naming a PostgreSQL database",
-)
-def test_the_database_going_away_mid_run_fails_no_chat_and_loses_no_row(fake, tmp_path):
-    from tests.conftest import env_for, migrate, reset_postgres
+@dataclass
+class Outage:
+    """A migrated database, and how to take it away from the relay and bring it back."""
 
+    url: str
+    down: Callable[[], None]
+    up: Callable[[], None]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def outage(request, tmp_path) -> Iterator[Outage]:
+    """PostgreSQL behind a TCP proxy that refuses and cuts connections while down. SQLite is a
+    file that cannot go away, so while it is "down" its tables are renamed: every query fails."""
+    if request.param == "sqlite":
+        url = sqlite_url(tmp_path)
+        migrate(url)
+        operator = create_engine(url)
+
+        def rename(suffix: str, new_suffix: str) -> None:
+            with operator.begin() as connection:
+                for table in ("profiles", "usage"):
+                    connection.exec_driver_sql(
+                        f"ALTER TABLE {table}{suffix} RENAME TO {table}{new_suffix}"
+                    )
+
+        yield Outage(url, lambda: rename("", "_away"), lambda: rename("_away", ""))
+        operator.dispose()
+        return
+    if not os.environ.get("DATABASE_URL", "").startswith(("postgres", "postgresql")):
+        pytest.skip("DATABASE_URL does not name a PostgreSQL database")
     real = urlsplit(os.environ["DATABASE_URL"])
     proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 5432)).up()
     netloc = (
@@ -223,24 +249,39 @@ def test_the_database_going_away_mid_run_fails_no_chat_and_loses_no_row(fake, tm
     url = urlunsplit(real._replace(netloc=netloc))
     reset_postgres(url)
     migrate(url)
-    app = create_app(env_for(fake, url))
+    try:
+        yield Outage(url, proxy.down, proxy.up)
+    finally:
+        proxy.down()
+
+
+@pytest.mark.parametrize("auth_mode", ["open", "profiles"])
+def test_the_database_going_away_mid_run_fails_no_chat_and_loses_no_row(fake, outage, auth_mode):
+    app = create_app({**env_for(fake, outage.url), "AUTH_MODE": auth_mode})
     client = app.test_client()
+    headers, unseen = {}, {}
+    if auth_mode == "profiles":
+        runner = app.test_cli_runner()
+        headers = auth(runner.invoke(args=["profiles", "create", "a"]).output.split()[-1])
+        unseen = auth(runner.invoke(args=["profiles", "create", "b"]).output.split()[-1])
     body = {"model": "m/ok", "messages": MESSAGES}
 
     def chat() -> None:
-        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        assert client.post("/v1/chat/completions", json=body, headers=headers).status_code == 200
 
-    try:
+    chat()
+    assert app.extensions["relay.ledger"].flush(10)
+    outage.down()
+    for _ in range(5):
         chat()
-        assert app.extensions["relay.ledger"].flush(10)
-        proxy.down()
-        for _ in range(5):
-            chat()
-        assert not app.extensions["relay.ledger"].flush(1.5)
-        proxy.up()
-        chat()
-        assert app.extensions["relay.ledger"].flush(60)
-        assert len(rows(app)) == 7
-        assert app.extensions["relay.ledger"].dropped == 0
-    finally:
-        proxy.down()
+    if auth_mode == "profiles":
+        # A token this worker never saw cannot be checked while the database is away.
+        response = client.post("/v1/chat/completions", json=body, headers=unseen)
+        assert response.status_code == 503
+        assert len(fake.received) == 6
+    assert not app.extensions["relay.ledger"].flush(1.5)
+    outage.up()
+    chat()
+    assert app.extensions["relay.ledger"].flush(60)
+    assert len(rows(app)) == 7
+    assert app.extensions["relay.ledger"].dropped == 0

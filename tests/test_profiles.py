@@ -124,6 +124,7 @@ def test_requests_need_a_valid_enabled_token_on_both_surfaces(cli, app, fake):
 def test_rotate_kills_the_old_token_at_once(cli, app):
     client = app.test_client()
     old = token_of(cli("profiles", "create", "team-a"))
+    assert chatbot(client, old).status_code == 200
     new = token_of(cli("profiles", "rotate", "team-a"))
     assert chatbot(client, old).status_code == 401
     assert chatbot(client, new).status_code == 200
