@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import requests
 from sqlalchemy import create_engine, select
 
 from app import create_app
@@ -209,6 +210,25 @@ def test_an_unreachable_database_never_fails_a_chat_and_drops_are_bounded(
     assert ledger.dropped >= 4
     assert ledger.depth <= 3
     assert "usage ledger full" in caplog.text
+
+
+def test_worker_exit_counts_every_row_not_written(start_relay, database_url, fake):
+    relay = start_relay()
+    operator = create_engine(database_url)
+    with operator.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE usage RENAME TO usage_away")
+    operator.dispose()
+    body = {"model": "m/ok", "messages": MESSAGES}
+    # Connection: close, or the idle keep-alive connections would hold the worker up at SIGTERM.
+    headers = {"Connection": "close"}
+    for _ in range(3):
+        response = requests.post(
+            relay.url + "/v1/chat/completions", json=body, headers=headers, timeout=10
+        )
+        assert response.status_code == 200
+    relay.stop()
+    # The writer holds some of the rows in its batch, the queue the others.
+    assert "usage ledger: 3 rows not written at worker exit" in relay.log()
 
 
 @dataclass
