@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
@@ -71,6 +71,4 @@ def usage_summary() -> Response:
         raise BadRequest(
             "since must be an ISO 8601 date or time", {"since": ["Not a date."]}
         ) from None
-    if start is not None and start.tzinfo is None:
-        start = start.replace(tzinfo=UTC)
     return jsonify(caller_summary(extensions["relay.database"], caller.name, start))

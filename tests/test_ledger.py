@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -190,6 +191,30 @@ def test_a_row_the_database_refuses_is_dropped_alone_and_the_writer_goes_on(app,
     assert (ledger.written, ledger.dropped, ledger.unwritten) == (3, 2, 0)
     assert "database refused" in caplog.text
     assert "secret" not in caplog.text
+
+
+@pytest.mark.parametrize("offset_hours", [5, -5])
+def test_since_with_an_offset_means_that_instant(app, token, fake, offset_hours):
+    client = app.test_client()
+    body = {"model": "openai/gpt-4o-mini", "messages": MESSAGES}
+    assert client.post("/v1/chat/completions", json=body, headers=auth(token)).status_code == 200
+    rows(app)
+    two_hours_ago = {
+        "at": datetime.now(UTC) - timedelta(hours=2),
+        "caller": "team-a",
+        "surface": "openai",
+        "model_requested": "m/old",
+        "outcome": "completed",
+    }
+    with app.extensions["relay.database"].begin() as connection:
+        connection.execute(usage.insert(), [two_hours_ago])
+    zone = timezone(timedelta(hours=offset_hours))
+    since = (datetime.now(UTC) - timedelta(minutes=30)).astimezone(zone).isoformat()
+    summary = client.get("/v1/usage", query_string={"since": since}, headers=auth(token))
+    assert list(summary.get_json()["by_model"]) == ["openai/gpt-4o-mini"]
+    result = app.test_cli_runner().invoke(args=["usage", "report", "--since", since])
+    assert result.exit_code == 0, result.output
+    assert [line.split()[1] for line in result.output.splitlines()[1:]] == ["openai/gpt-4o-mini"]
 
 
 def test_an_unreachable_database_never_fails_a_chat_and_drops_are_bounded(
