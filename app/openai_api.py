@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from .bodies import read_json_object
 from .calls import complete, open_stream, streamed_response
 from .errors import BadRequest, RelayError, handle_errors_as, render_openai_error
-from .keys import resolve_caller
+from .keys import Caller, resolve_caller
 from .presenters import present_as_sse
 from .reports import caller_summary
 from .schemas import ChatCompletionRequest, load
@@ -43,12 +43,14 @@ def chat_completions() -> Response:
 
 @bp.get("/models")
 def list_models() -> Response:
+    _require_caller()
     models = current_app.extensions["relay.models"].models()
     return jsonify({"object": "list", "data": models})
 
 
 @bp.get("/models/<path:model_id>")
 def retrieve_model(model_id: str) -> Response:
+    _require_caller()
     model = current_app.extensions["relay.models"].find(model_id)
     if model is None:
         error = RelayError(f"The model '{model_id}' does not exist", status=404)
@@ -60,10 +62,7 @@ def retrieve_model(model_id: str) -> Response:
 @bp.get("/usage")
 def usage_summary() -> Response:
     """The calling profile's own totals, overall and by model and outcome."""
-    extensions = current_app.extensions
-    caller = resolve_caller(
-        request, extensions["relay.settings"], extensions["relay.profiles"], paying=False
-    )
+    caller = _require_caller()
     since = request.args.get("since")
     try:
         start = datetime.fromisoformat(since) if since else None
@@ -71,4 +70,12 @@ def usage_summary() -> Response:
         raise BadRequest(
             "since must be an ISO 8601 date or time", {"since": ["Not a date."]}
         ) from None
-    return jsonify(caller_summary(extensions["relay.database"], caller.name, start))
+    return jsonify(caller_summary(current_app.extensions["relay.database"], caller.name, start))
+
+
+def _require_caller() -> Caller:
+    """The caller of a request that spends nothing upstream: valid (401 otherwise), no key."""
+    extensions = current_app.extensions
+    return resolve_caller(
+        request, extensions["relay.settings"], extensions["relay.profiles"], paying=False
+    )

@@ -121,6 +121,20 @@ def test_requests_need_a_valid_enabled_token_on_both_surfaces(cli, app, fake):
     assert len(fake.received) == 2
 
 
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/openai/gpt-4o-mini"])
+def test_the_model_list_needs_a_valid_caller_too(cli, app, fake, path):
+    client = app.test_client()
+    for headers in ({}, {"Authorization": "Bearer orr_not-a-real-token"}):
+        response = client.get(path, headers=headers)
+        assert response.status_code == 401
+        assert response.get_json()["error"]["type"] == "authentication_error"
+    assert fake.received == []
+    token = token_of(cli("profiles", "create", "team-a"))
+    for bearer in (token, CLIENT_KEY):
+        response = client.get(path, headers={"Authorization": f"Bearer {bearer}"})
+        assert response.status_code == 200
+
+
 def test_rotate_kills_the_old_token_at_once(cli, app):
     client = app.test_client()
     old = token_of(cli("profiles", "create", "team-a"))
