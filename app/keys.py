@@ -9,12 +9,7 @@ from dataclasses import dataclass
 from flask import Request
 
 from .config import Settings
-from .errors import (
-    Forbidden,
-    KeyNotFound,
-    ProfileKeyUnreadable,
-    Unauthorized,
-)
+from .errors import Forbidden, KeyNotFound, ProfileKeyUnreadable, Unauthorized
 from .profiles import Profile, ProfileStore
 
 log = logging.getLogger("relay")

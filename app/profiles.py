@@ -182,10 +182,10 @@ class ProfileStore:
                 else:
                     self._known[wanted] = (now, found)
                 return found
-        confirmed_at, found = self._known.get(wanted, (-KNOWN_FOR, None))
-        if found is None or now - confirmed_at > KNOWN_FOR:
+        known = self._known.get(wanted)
+        if known is None or now - known[0] > KNOWN_FOR:
             raise StorageUnavailable()
-        return found
+        return known[1]
 
     def _look_up(self, wanted: str) -> tuple[Profile, str | None] | None:
         with self.engine.connect() as connection:
