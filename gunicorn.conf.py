@@ -58,7 +58,7 @@ def worker_exit(server, worker):
     """Write the usage rows still queued before the worker goes (a deploy's SIGTERM)."""
     ledger = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("relay.ledger")
     if ledger is not None and not ledger.flush(timeout=_EXIT_MARGIN - 2):
-        server.log.error("usage ledger: %d rows not written at worker exit", ledger.depth)
+        server.log.error("usage ledger: %d rows not written at worker exit", ledger.unwritten)
 
 
 def child_exit(server, worker):

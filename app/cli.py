@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import UTC
+from datetime import datetime
 
 import click
 from flask import Flask, current_app
@@ -151,12 +151,30 @@ def profiles_delete(name) -> None:
     click.echo(f"deleted {name}")
 
 
+class IsoDateTime(click.ParamType):
+    """A date or time in ISO 8601, with or without an offset (without one it is UTC)."""
+
+    name = "datetime"
+
+    def convert(self, value, param, ctx) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 date or time", param, ctx)
+
+
 @usage.command("report")
-@click.option("--since", type=click.DateTime(), help="Only usage from this date on (UTC).")
+@click.option(
+    "--since",
+    type=IsoDateTime(),
+    help="Only usage from this date or time on (2026-11-01, 2026-11-01T09:30+05:00; UTC "
+    "unless an offset is given).",
+)
 @click.option("--profile", help="Only this profile (or byok:... id).")
 def usage_report(since, profile) -> None:
     """Print totals per profile and model."""
-    since = since.replace(tzinfo=UTC) if since else None
     rows = usage_rows(current_app.extensions["relay.database"], since=since, caller=profile)
     click.echo(
         f"{'profile':<24} {'model':<40} {'requests':>8} {'prompt':>10} "

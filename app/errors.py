@@ -104,6 +104,20 @@ class KeyNotFound(RelayError):
     message = "OpenRouter API Key not found. Please set it in your profile settings."
 
 
+class ProfileKeyUnreadable(RelayError):
+    """The profile's stored OpenRouter key cannot be decrypted (SECRET_KEY changed or unset):
+    the request is refused rather than paid for with the server's key."""
+
+    status = 500
+    kind = "server_error"
+
+    def __init__(self, profile: str) -> None:
+        super().__init__(
+            f"The OpenRouter key stored for profile '{profile}' cannot be decrypted with the "
+            "relay's SECRET_KEY; an operator must store it again"
+        )
+
+
 class UpstreamError(RelayError):
     """OpenRouter answered with an error, or not in a way the relay can use."""
 

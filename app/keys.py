@@ -7,10 +7,9 @@ import logging
 from dataclasses import dataclass
 
 from flask import Request
-from sqlalchemy.exc import SQLAlchemyError
 
 from .config import Settings
-from .errors import Forbidden, KeyNotFound, StorageUnavailable, Unauthorized
+from .errors import Forbidden, KeyNotFound, ProfileKeyUnreadable, Unauthorized
 from .profiles import Profile, ProfileStore
 
 log = logging.getLogger("relay")
@@ -43,25 +42,36 @@ def bearer_token(request: Request) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-def resolve_caller(request: Request, settings: Settings, store: ProfileStore) -> Caller:
+def resolve_caller(
+    request: Request, settings: Settings, store: ProfileStore, *, paying: bool = True
+) -> Caller:
     """The caller of this request and its key, in order of precedence: the caller's own
-    OpenRouter key (bring your own key), its profile's key, the server's OPENROUTER_API_KEY."""
+    OpenRouter key (bring your own key), its profile's key, the server's OPENROUTER_API_KEY.
+
+    With `paying` false (a request that spends nothing upstream: the model list, the caller's
+    usage) the caller must still be valid, but no key is needed.
+    """
     token = bearer_token(request)
     if token and token.startswith(OPENROUTER_KEY_PREFIX) and settings.allow_client_keys:
         pseudonym = hashlib.sha256(token.encode()).hexdigest()[:16]
         return Caller(name=f"byok:{pseudonym}", key=token)
     if settings.auth_mode == "open":
-        return Caller(name="open", key=_server_key(settings))
+        return Caller(name="open", key=_server_key(settings) if paying else "")
     if not token:
         raise Unauthorized("Missing bearer token: send Authorization: Bearer <profile token>")
-    try:
-        found = store.authenticate(token)
-    except SQLAlchemyError as error:
-        log.error("profile lookup failed: %s", type(error).__name__)
-        raise StorageUnavailable() from None
+    found = store.authenticate(token)
     if found is None:
         raise Unauthorized("Invalid or disabled token")
     profile, own_key = found
+    if not paying:
+        return Caller(name=profile.name, key="", profile=profile)
+    if profile.has_own_key and own_key is None:
+        log.error(
+            "the OpenRouter key stored for profile %r cannot be decrypted (SECRET_KEY changed "
+            "or unset): refusing the request rather than paying with the server's key",
+            profile.name,
+        )
+        raise ProfileKeyUnreadable(profile.name)
     return Caller(name=profile.name, key=own_key or _server_key(settings), profile=profile)
 
 

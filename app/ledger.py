@@ -2,12 +2,15 @@
 
 Rows go into a bounded queue that one writer drains in batches. When the database is away the
 writer keeps its batch and retries with back-off while the queue holds new rows; past the bound,
-rows are dropped and counted, and the drop is logged. No message content is ever recorded.
+rows are dropped and counted, and the drop is logged. When the database refuses a batch for what
+is in it, the writer writes its rows one at a time and drops (and logs) only those refused. No
+message content is ever recorded.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,8 +20,9 @@ from datetime import UTC, datetime
 from queue import Empty, Full, Queue
 from typing import Any
 
-from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Column, Engine, Float, Integer, String
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .database import usage
 from .errors import RelayError, UpstreamError, UpstreamTimeout
@@ -28,6 +32,10 @@ from .metrics import LEDGER_DEPTH, LEDGER_DROPPED
 log = logging.getLogger("relay")
 
 _BATCH = 500
+_INTEGER_MAX = 2**31 - 1  # PostgreSQL's INTEGER, the narrowest of the databases
+# Errors that say the database cannot be used now, rather than that a row cannot be written.
+_DATABASE_AWAY = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout, OSError)
+_SCHEMA_BEHIND = ("42P01", "42703")  # PostgreSQL: no such table or column (not migrated yet)
 
 
 @dataclass
@@ -56,9 +64,9 @@ class UsageRow:
             return
         for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
             if isinstance(usage_report.get(name), int):
-                setattr(self, name, usage_report[name])
+                setattr(self, name, _fit(usage.c[name], usage_report[name]))
         if isinstance(usage_report.get("cost"), int | float):
-            self.cost = float(usage_report["cost"])
+            self.cost = _fit(usage.c.cost, usage_report["cost"])
 
     def take_stream(self, stream: ChatStream) -> None:
         self.generation_id = stream.generation_id
@@ -84,10 +92,39 @@ class UsageRow:
 
     def finish(self) -> dict[str, Any]:
         self.duration_ms = round((time.monotonic() - self.started) * 1000, 1)
-        return {name: getattr(self, name) for name in _COLUMNS}
+        return {name: _fit(usage.c[name], getattr(self, name)) for name in _COLUMNS}
 
 
 _COLUMNS = tuple(spec.name for spec in fields(UsageRow) if spec.name != "started")
+
+
+def _fit(column: Column, value: Any) -> Any:
+    """`value` as `column` can hold it: text cut to the column's length (no NUL, no lone
+    surrogate), integers held to INTEGER's range, numbers that are not finite dropped, a value of
+    the wrong type dropped. What OpenRouter or a caller sent must not make the row unwritable."""
+    kind = column.type
+    if value is None or not isinstance(kind, String | Integer | Float):
+        return value
+    if isinstance(kind, String):
+        if not isinstance(value, str):
+            return None
+        text = value.replace("\x00", "").encode("utf-8", "replace").decode()
+        return text[: kind.length] if kind.length else text
+    if isinstance(kind, Integer):
+        return max(-_INTEGER_MAX - 1, min(_INTEGER_MAX, value)) if isinstance(value, int) else None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _database_away(error: Exception) -> bool:
+    """Whether `error` means "try again later" (unreachable, locked, not migrated) rather than
+    "this row cannot be written"."""
+    if isinstance(error, _DATABASE_AWAY):
+        return True
+    return getattr(getattr(error, "orig", None), "sqlstate", None) in _SCHEMA_BEHIND
 
 
 class Ledger:
@@ -110,6 +147,11 @@ class Ledger:
     def depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def unwritten(self) -> int:
+        """Rows recorded and not written yet: those queued and the batch the writer holds."""
+        return self._pending
+
     def record(self, row: UsageRow) -> None:
         """Queue the row; if the queue is full, drop it and say so."""
         try:
@@ -117,7 +159,8 @@ class Ledger:
                 self._queue.put_nowait(row.finish())
                 self._pending += 1
         except Full:
-            self.dropped += 1
+            with self._counts:
+                self.dropped += 1
             LEDGER_DROPPED.inc()
             log.error(
                 "usage ledger full (%d rows waiting): dropped a row for %s (%d dropped so far)",
@@ -164,23 +207,16 @@ class Ledger:
                     self._writer.start()
 
     def _write_forever(self) -> None:
+        """The writer's loop: whatever a row or the database does, it goes on."""
         batch: list[dict[str, Any]] = []
         failures = 0
         while True:
+            batch = batch or self._next_batch()
             if not batch:
-                try:
-                    batch.append(self._queue.get(timeout=1.0))
-                except Empty:
-                    continue
-            while len(batch) < _BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except Empty:
-                    break
+                continue
             try:
-                with self.engine.begin() as connection:
-                    connection.execute(usage.insert(), batch)
-            except SQLAlchemyError as error:
+                self._write(batch)
+            except Exception as error:  # the database is away (or worse): the rows wait
                 failures += 1
                 delay = min(30.0, 0.5 * 2 ** min(failures, 6))
                 log.warning(
@@ -195,12 +231,79 @@ class Ledger:
             if failures:
                 log.info("usage ledger writing again after %d failed attempts", failures)
             failures = 0
-            self._tell_listeners(batch)
-            with self._counts:
-                self.written += len(batch)
-                self._pending -= len(batch)
-            LEDGER_DEPTH.set(self.depth)
-            batch = []
+
+    def _next_batch(self) -> list[dict[str, Any]]:
+        try:
+            batch = [self._queue.get(timeout=1.0)]
+        except Empty:
+            return []
+        while len(batch) < _BATCH:
+            try:
+                batch.append(self._queue.get_nowait())
+            except Empty:
+                break
+        return batch
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        """Write the rows of `batch`, taking each out once written or dropped. Raises while the
+        database is away, the rows not yet written left in `batch`."""
+        try:
+            self._insert(batch)
+        except Exception as error:
+            if _database_away(error):
+                raise
+            self._write_one_by_one(batch)
+            return
+        rows = batch[:]
+        batch.clear()
+        self._written(rows)
+
+    def _write_one_by_one(self, batch: list[dict[str, Any]]) -> None:
+        """The database refused the batch for some row in it: write the rows one at a time,
+        dropping those it refuses (logged by count and error, never by content)."""
+        refused: dict[str, int] = {}
+        total = len(batch)
+        try:
+            while batch:
+                row = batch[0]
+                try:
+                    self._insert([row])
+                except Exception as error:
+                    if _database_away(error):
+                        raise
+                    del batch[0]
+                    refused[type(error).__name__] = refused.get(type(error).__name__, 0) + 1
+                    self._drop(1)
+                else:
+                    del batch[0]
+                    self._written([row])
+        finally:
+            if refused:
+                log.error(
+                    "usage ledger dropped %d of %d rows that the database refused (%s); "
+                    "%d dropped so far",
+                    sum(refused.values()),
+                    total,
+                    ", ".join(f"{count} {kind}" for kind, count in refused.items()),
+                    self.dropped,
+                )
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(usage.insert(), rows)
+
+    def _written(self, rows: list[dict[str, Any]]) -> None:
+        with self._counts:
+            self.written += len(rows)
+            self._pending -= len(rows)
+        LEDGER_DEPTH.set(self.depth)
+        self._tell_listeners(rows)
+
+    def _drop(self, count: int) -> None:
+        with self._counts:
+            self.dropped += count
+            self._pending -= count
+        LEDGER_DROPPED.inc(count)
 
     def _tell_listeners(self, batch: list[dict[str, Any]]) -> None:
         for row in batch:

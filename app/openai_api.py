@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from .bodies import read_json_object
 from .calls import complete, event_stream_response, open_stream
 from .errors import BadRequest, RelayError, handle_errors_as, render_openai_error
-from .keys import resolve_caller
+from .keys import Caller, resolve_caller
 from .reports import caller_summary
 from .schemas import ChatCompletionRequest, load
 
@@ -27,9 +27,11 @@ def chat_completions() -> Response:
     extensions = current_app.extensions
     settings = extensions["relay.settings"]
     caller = resolve_caller(request, settings, extensions["relay.profiles"])
-    caller.check_models(payload["models"] if "models" in payload else [payload["model"]])
+    named = [payload["model"]] if "model" in payload else []
+    caller.check_models([*named, *payload.get("models", [])])
     model = payload.get("model") or payload["models"][0]
-    payload.setdefault("usage", {"include": True})
+    # Costs and budgets come from the usage OpenRouter reports: a caller cannot turn it off.
+    payload["usage"] = {**payload.get("usage", {}), "include": True}
     if payload.get("stream"):
         return event_stream_response(
             lambda: open_stream(caller, "openai", model, payload), settings.heartbeat_interval
@@ -40,12 +42,14 @@ def chat_completions() -> Response:
 
 @bp.get("/models")
 def list_models() -> Response:
+    _require_caller()
     models = current_app.extensions["relay.models"].models()
     return jsonify({"object": "list", "data": models})
 
 
 @bp.get("/models/<path:model_id>")
 def retrieve_model(model_id: str) -> Response:
+    _require_caller()
     model = current_app.extensions["relay.models"].find(model_id)
     if model is None:
         error = RelayError(f"The model '{model_id}' does not exist", status=404)
@@ -57,8 +61,7 @@ def retrieve_model(model_id: str) -> Response:
 @bp.get("/usage")
 def usage_summary() -> Response:
     """The calling profile's own totals, overall and by model and outcome."""
-    extensions = current_app.extensions
-    caller = resolve_caller(request, extensions["relay.settings"], extensions["relay.profiles"])
+    caller = _require_caller()
     since = request.args.get("since")
     try:
         start = datetime.fromisoformat(since) if since else None
@@ -66,6 +69,12 @@ def usage_summary() -> Response:
         raise BadRequest(
             "since must be an ISO 8601 date or time", {"since": ["Not a date."]}
         ) from None
-    if start is not None and start.tzinfo is None:
-        start = start.replace(tzinfo=UTC)
-    return jsonify(caller_summary(extensions["relay.database"], caller.name, start))
+    return jsonify(caller_summary(current_app.extensions["relay.database"], caller.name, start))
+
+
+def _require_caller() -> Caller:
+    """The caller of a request that spends nothing upstream: valid (401 otherwise), no key."""
+    extensions = current_app.extensions
+    return resolve_caller(
+        request, extensions["relay.settings"], extensions["relay.profiles"], paying=False
+    )

@@ -111,9 +111,10 @@ def _errors(schema: str, statuses: dict[int, str]) -> dict[str, Any]:
     }
 
 
+_NO_CALLER = "No valid profile token (AUTH_MODE=profiles)"
 _FAILURES = {
     400: "The body is not a valid request; the message names the field",
-    401: "OpenRouter refused the key",
+    401: "No valid profile token, or OpenRouter refused the key",
     402: "OpenRouter credits exhausted",
     403: "OpenRouter's moderation flagged the input",
     404: "Not found",
@@ -198,7 +199,10 @@ def build_spec() -> dict[str, Any]:
                             }
                         },
                     },
-                    **_errors("OpenAIError", {502: _FAILURES[502], 504: _FAILURES[504]}),
+                    **_errors(
+                        "OpenAIError",
+                        {401: _NO_CALLER, 502: _FAILURES[502], 504: _FAILURES[504]},
+                    ),
                 },
             }
         },
@@ -223,7 +227,10 @@ def build_spec() -> dict[str, Any]:
                             "application/json": {"schema": {"$ref": "#/components/schemas/Model"}}
                         },
                     },
-                    **_errors("OpenAIError", {404: "No such model", 502: _FAILURES[502]}),
+                    **_errors(
+                        "OpenAIError",
+                        {401: _NO_CALLER, 404: "No such model", 502: _FAILURES[502]},
+                    ),
                 },
             }
         },

@@ -7,7 +7,9 @@ import fnmatch
 import hashlib
 import hmac
 import json
+import logging
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -15,11 +17,19 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import Engine, delete, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .database import profiles
+from .errors import StorageUnavailable
+
+log = logging.getLogger("relay")
 
 TOKEN_PREFIX = "orr_"
+# While the database cannot be reached, a token it confirmed this recently is still honoured.
+KNOWN_FOR = 3600.0
+# After a failed lookup the database is left alone this long (a blackholed database would hold
+# every request for its connect timeout).
+RECHECK_AFTER = 5.0
 
 
 class ProfileError(Exception):
@@ -84,6 +94,9 @@ class ProfileStore:
     def __init__(self, engine: Engine, secret_key: str) -> None:
         self.engine = engine
         self.keys = KeyBox(secret_key)
+        # token hash -> (when the database last confirmed it, what it answered)
+        self._known: dict[str, tuple[float, tuple[Profile, str | None]]] = {}
+        self._recheck_at = 0.0
 
     def create(
         self,
@@ -139,8 +152,42 @@ class ProfileStore:
                 raise ProfileError(f"no profile named {name!r}")
 
     def authenticate(self, token: str) -> tuple[Profile, str | None] | None:
-        """The enabled profile holding `token`, with its own OpenRouter key if it has one."""
+        """The enabled profile holding `token`, with its own OpenRouter key: None when it has
+        none, or when the key cannot be decrypted (then `has_own_key` is still true).
+
+        The database is asked every time, so a disabled or rotated token stops at once. While it
+        cannot be reached, a token it confirmed within KNOWN_FOR is answered as it was then;
+        any other raises StorageUnavailable.
+        """
         wanted = hash_token(token)
+        now = time.monotonic()
+        if now >= self._recheck_at:
+            try:
+                found = self._look_up(wanted)
+            except SQLAlchemyError as error:
+                self._recheck_at = now + RECHECK_AFTER
+                log.error(
+                    "profile lookup failed (%s): honouring tokens seen in the last %d min, "
+                    "asking again in %.0fs",
+                    type(error).__name__,
+                    KNOWN_FOR // 60,
+                    RECHECK_AFTER,
+                )
+            else:
+                if self._recheck_at:
+                    self._recheck_at = 0.0
+                    log.info("profile lookups work again")
+                if found is None:
+                    self._known.pop(wanted, None)
+                else:
+                    self._known[wanted] = (now, found)
+                return found
+        known = self._known.get(wanted)
+        if known is None or now - known[0] > KNOWN_FOR:
+            raise StorageUnavailable()
+        return known[1]
+
+    def _look_up(self, wanted: str) -> tuple[Profile, str | None] | None:
         with self.engine.connect() as connection:
             row = connection.execute(
                 select(profiles).where(profiles.c.token_hash == wanted)

@@ -33,6 +33,13 @@ class NonEmptyString(fields.String):
         super().__init__(validate=validate.Length(min=1), **kwargs)
 
 
+class ModelName(fields.String):
+    """A model id: the ledger keeps up to 200 characters of it, and no real id is longer."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(validate=validate.Length(min=1, max=200), **kwargs)
+
+
 class ImageUrl(Schema):
     class Meta:
         unknown = INCLUDE
@@ -149,7 +156,7 @@ class ChatSettings(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    model = NonEmptyString(required=True)
+    model = ModelName(required=True)
     temperature = Number(validate=validate.Range(min=0, max=2))
     prompt = fields.String(allow_none=True)
     contextLength = fields.Integer(allow_none=True)
@@ -255,8 +262,8 @@ class ChatCompletionRequest(Schema):
     class Meta:
         unknown = INCLUDE
 
-    model = NonEmptyString()
-    models = fields.List(NonEmptyString(), validate=validate.Length(min=1))
+    model = ModelName()
+    models = fields.List(ModelName(), validate=validate.Length(min=1))
     messages = messages_field()
     stream = StrictBoolean()
     stream_options = fields.Dict()

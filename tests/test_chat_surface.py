@@ -104,6 +104,7 @@ def test_image_parts_are_accepted_and_forwarded(client, fake):
     [
         (lambda b: b["chatSettings"].update(model=""), "chatSettings.model"),
         (lambda b: b["chatSettings"].pop("model"), "chatSettings.model"),
+        (lambda b: b["chatSettings"].update(model="m/" + "x" * 199), "chatSettings.model"),
         (lambda b: b["chatSettings"].update(temperature=2.5), "chatSettings.temperature"),
         (lambda b: b["chatSettings"].update(temperature="0.5"), "chatSettings.temperature"),
         (lambda b: b.pop("chatSettings"), "chatSettings"),

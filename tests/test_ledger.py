@@ -6,13 +6,19 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from sqlalchemy import select
+import requests
+from sqlalchemy import create_engine, select
 
 from app import create_app
 from app.database import usage
+from app.ledger import UsageRow
+from tests.conftest import env_for, migrate, reset_postgres, sqlite_url
 from tests.fake_openrouter import Scenario
 from tests.tcp_proxy import TcpProxy
 
@@ -144,6 +150,73 @@ def test_the_usage_report_and_endpoint_total_by_profile_model_and_outcome(app, t
     assert client.get("/v1/usage").status_code == 401
 
 
+def test_values_the_columns_cannot_hold_are_fitted_and_the_row_written(app, token, fake):
+    odd_completion = {
+        "id": {"not": "a string"},
+        "model": "m/" + "y" * 300,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 2**70, "completion_tokens": 3, "cost": 10**400},
+    }
+    fake.script(
+        "m/odd",
+        Scenario(raw_body=json.dumps(odd_completion).encode(), raw_content_type="application/json"),
+    )
+    body = {"model": "m/odd", "messages": MESSAGES}
+    response = app.test_client().post("/v1/chat/completions", json=body, headers=auth(token))
+    assert response.status_code == 200
+    (row,) = rows(app)
+    assert row["model_served"] == odd_completion["model"][:200]
+    assert row["prompt_tokens"] == 2**31 - 1
+    assert row["completion_tokens"] == 3
+    assert row["cost"] is None and row["generation_id"] is None
+
+
+def test_a_row_the_database_refuses_is_dropped_alone_and_the_writer_goes_on(app, caplog):
+    ledger = app.extensions["relay.ledger"]
+
+    def row(**fields) -> UsageRow:
+        return UsageRow(
+            **{"caller": "team-a", "surface": "openai", "model_requested": "m/ok", **fields}
+        )
+
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        ledger.record(row())
+        ledger.record(row(caller=None, model_requested="m/secret-1"))  # NOT NULL
+        ledger.record(row(at="not a time", model_requested="m/secret-2"))
+        ledger.record(row())
+        assert ledger.flush(10)
+        ledger.record(row())
+        recorded = rows(app)
+    assert [r["model_requested"] for r in recorded] == ["m/ok"] * 3
+    assert (ledger.written, ledger.dropped, ledger.unwritten) == (3, 2, 0)
+    assert "database refused" in caplog.text
+    assert "secret" not in caplog.text
+
+
+@pytest.mark.parametrize("offset_hours", [5, -5])
+def test_since_with_an_offset_means_that_instant(app, token, fake, offset_hours):
+    client = app.test_client()
+    body = {"model": "openai/gpt-4o-mini", "messages": MESSAGES}
+    assert client.post("/v1/chat/completions", json=body, headers=auth(token)).status_code == 200
+    rows(app)
+    two_hours_ago = {
+        "at": datetime.now(UTC) - timedelta(hours=2),
+        "caller": "team-a",
+        "surface": "openai",
+        "model_requested": "m/old",
+        "outcome": "completed",
+    }
+    with app.extensions["relay.database"].begin() as connection:
+        connection.execute(usage.insert(), [two_hours_ago])
+    zone = timezone(timedelta(hours=offset_hours))
+    since = (datetime.now(UTC) - timedelta(minutes=30)).astimezone(zone).isoformat()
+    summary = client.get("/v1/usage", query_string={"since": since}, headers=auth(token))
+    assert list(summary.get_json()["by_model"]) == ["openai/gpt-4o-mini"]
+    result = app.test_cli_runner().invoke(args=["usage", "report", "--since", since])
+    assert result.exit_code == 0, result.output
+    assert [line.split()[1] for line in result.output.splitlines()[1:]] == ["openai/gpt-4o-mini"]
+
+
 def test_an_unreachable_database_never_fails_a_chat_and_drops_are_bounded(
     relay_env, fake, caplog, tmp_path
 ):
@@ -164,13 +237,55 @@ def test_an_unreachable_database_never_fails_a_chat_and_drops_are_bounded(
     assert "usage ledger full" in caplog.text
 
 
-@pytest.mark.skipif(
-    not os.environ.get("DATABASE_URL", "").startswith(("postgres", "postgresql")),
-    reason="needs DATABASE_URL naming a PostgreSQL database",
-)
-def test_the_database_going_away_mid_run_fails_no_chat_and_loses_no_row(fake, tmp_path):
-    from tests.conftest import env_for, migrate, reset_postgres
+def test_worker_exit_counts_every_row_not_written(start_relay, database_url, fake):
+    relay = start_relay()
+    operator = create_engine(database_url)
+    with operator.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE usage RENAME TO usage_away")
+    operator.dispose()
+    body = {"model": "m/ok", "messages": MESSAGES}
+    # Connection: close, or the idle keep-alive connections would hold the worker up at SIGTERM.
+    headers = {"Connection": "close"}
+    for _ in range(3):
+        response = requests.post(
+            relay.url + "/v1/chat/completions", json=body, headers=headers, timeout=10
+        )
+        assert response.status_code == 200
+    relay.stop()
+    # The writer holds some of the rows in its batch, the queue the others.
+    assert "usage ledger: 3 rows not written at worker exit" in relay.log()
 
+
+@dataclass
+class Outage:
+    """A migrated database, and how to take it away from the relay and bring it back."""
+
+    url: str
+    down: Callable[[], None]
+    up: Callable[[], None]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def outage(request, tmp_path) -> Iterator[Outage]:
+    """PostgreSQL behind a TCP proxy that refuses and cuts connections while down. SQLite is a
+    file that cannot go away, so while it is "down" its tables are renamed: every query fails."""
+    if request.param == "sqlite":
+        url = sqlite_url(tmp_path)
+        migrate(url)
+        operator = create_engine(url)
+
+        def rename(suffix: str, new_suffix: str) -> None:
+            with operator.begin() as connection:
+                for table in ("profiles", "usage"):
+                    connection.exec_driver_sql(
+                        f"ALTER TABLE {table}{suffix} RENAME TO {table}{new_suffix}"
+                    )
+
+        yield Outage(url, lambda: rename("", "_away"), lambda: rename("_away", ""))
+        operator.dispose()
+        return
+    if not os.environ.get("DATABASE_URL", "").startswith(("postgres", "postgresql")):
+        pytest.skip("DATABASE_URL does not name a PostgreSQL database")
     real = urlsplit(os.environ["DATABASE_URL"])
     proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 5432)).up()
     netloc = (
@@ -179,24 +294,39 @@ def test_the_database_going_away_mid_run_fails_no_chat_and_loses_no_row(fake, tm
     url = urlunsplit(real._replace(netloc=netloc))
     reset_postgres(url)
     migrate(url)
-    app = create_app(env_for(fake, url))
+    try:
+        yield Outage(url, proxy.down, proxy.up)
+    finally:
+        proxy.down()
+
+
+@pytest.mark.parametrize("auth_mode", ["open", "profiles"])
+def test_the_database_going_away_mid_run_fails_no_chat_and_loses_no_row(fake, outage, auth_mode):
+    app = create_app({**env_for(fake, outage.url), "AUTH_MODE": auth_mode})
     client = app.test_client()
+    headers, unseen = {}, {}
+    if auth_mode == "profiles":
+        runner = app.test_cli_runner()
+        headers = auth(runner.invoke(args=["profiles", "create", "a"]).output.split()[-1])
+        unseen = auth(runner.invoke(args=["profiles", "create", "b"]).output.split()[-1])
     body = {"model": "m/ok", "messages": MESSAGES}
 
     def chat() -> None:
-        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        assert client.post("/v1/chat/completions", json=body, headers=headers).status_code == 200
 
-    try:
+    chat()
+    assert app.extensions["relay.ledger"].flush(10)
+    outage.down()
+    for _ in range(5):
         chat()
-        assert app.extensions["relay.ledger"].flush(10)
-        proxy.down()
-        for _ in range(5):
-            chat()
-        assert not app.extensions["relay.ledger"].flush(1.5)
-        proxy.up()
-        chat()
-        assert app.extensions["relay.ledger"].flush(60)
-        assert len(rows(app)) == 7
-        assert app.extensions["relay.ledger"].dropped == 0
-    finally:
-        proxy.down()
+    if auth_mode == "profiles":
+        # A token this worker never saw cannot be checked while the database is away.
+        response = client.post("/v1/chat/completions", json=body, headers=unseen)
+        assert response.status_code == 503
+        assert len(fake.received) == 6
+    assert not app.extensions["relay.ledger"].flush(1.5)
+    outage.up()
+    chat()
+    assert app.extensions["relay.ledger"].flush(60)
+    assert len(rows(app)) == 7
+    assert app.extensions["relay.ledger"].dropped == 0

@@ -68,9 +68,11 @@ def test_the_stream_asks_openrouter_for_usage_and_forwards_unknown_fields(client
     assert received.body == {**request_body(stream=True, **extra), "usage": {"include": True}}
 
 
-def test_a_callers_own_usage_setting_is_kept(client, fake):
-    client.post(COMPLETIONS, json=request_body(stream=True, usage={"include": False})).get_data()
-    assert fake.received[0].body["usage"] == {"include": False}
+@pytest.mark.parametrize("stream", [True, False])
+def test_usage_is_always_asked_for_keeping_the_callers_other_usage_fields(client, fake, stream):
+    usage = {"include": False, "something_new": [1]}
+    client.post(COMPLETIONS, json=request_body(stream=stream, usage=usage)).get_data()
+    assert fake.received[0].body["usage"] == {"include": True, "something_new": [1]}
 
 
 def test_a_mid_stream_error_is_one_error_event_and_no_done(client, fake):
@@ -156,8 +158,10 @@ def test_a_whole_completion_that_failed_is_an_openai_error(client, fake, scenari
     ("field", "value"),
     [
         ("model", ""),
+        ("model", "m/" + "x" * 199),
         ("models", []),
         ("models", ["ok", 3]),
+        ("models", ["ok", "m/" + "x" * 199]),
         ("temperature", 2.1),
         ("temperature", "1"),
         ("top_p", 0),

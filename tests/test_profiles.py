@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -120,9 +121,24 @@ def test_requests_need_a_valid_enabled_token_on_both_surfaces(cli, app, fake):
     assert len(fake.received) == 2
 
 
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/openai/gpt-4o-mini"])
+def test_the_model_list_needs_a_valid_caller_too(cli, app, fake, path):
+    client = app.test_client()
+    for headers in ({}, {"Authorization": "Bearer orr_not-a-real-token"}):
+        response = client.get(path, headers=headers)
+        assert response.status_code == 401
+        assert response.get_json()["error"]["type"] == "authentication_error"
+    assert fake.received == []
+    token = token_of(cli("profiles", "create", "team-a"))
+    for bearer in (token, CLIENT_KEY):
+        response = client.get(path, headers={"Authorization": f"Bearer {bearer}"})
+        assert response.status_code == 200
+
+
 def test_rotate_kills_the_old_token_at_once(cli, app):
     client = app.test_client()
     old = token_of(cli("profiles", "create", "team-a"))
+    assert chatbot(client, old).status_code == 200
     new = token_of(cli("profiles", "rotate", "team-a"))
     assert chatbot(client, old).status_code == 401
     assert chatbot(client, new).status_code == 200
@@ -146,6 +162,30 @@ def test_key_precedence_own_key_then_profile_key_then_server_key(cli, app, fake)
     chatbot(client, without_key).get_data()
     sent = [request.header("Authorization") for request in fake.received]
     assert sent == [f"Bearer {CLIENT_KEY}", f"Bearer {PROFILE_KEY}", f"Bearer {SERVER_KEY}"]
+
+
+@pytest.mark.parametrize("secret_key", ["a-different-secret-key", ""])
+def test_a_profile_key_that_cannot_be_decrypted_refuses_the_request(
+    cli, profiles_env, fake, caplog, secret_key
+):
+    token = token_of(
+        cli("profiles", "create", "payer", "--openrouter-key-env", "K", env={"K": PROFILE_KEY})
+    )
+    client = create_app({**profiles_env, "SECRET_KEY": secret_key}).test_client()
+    with caplog.at_level(logging.ERROR, logger="relay"):
+        chatbot_answer = chatbot(client, token)
+        openai_answer = openai_call(client, token)
+    assert chatbot_answer.status_code == openai_answer.status_code == 500
+    assert "'payer'" in chatbot_answer.get_json()["message"]
+    error = openai_answer.get_json()["error"]
+    assert "'payer'" in error["message"] and error["type"] == "server_error"
+    assert fake.received == []
+    said = [r.getMessage() for r in caplog.records if "cannot be decrypted" in r.getMessage()]
+    assert len(said) == 2 and all("'payer'" in line for line in said)
+    everything = chatbot_answer.get_data(as_text=True) + openai_answer.get_data(as_text=True)
+    assert PROFILE_KEY not in everything + caplog.text and SERVER_KEY not in everything
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.get("/v1/usage", headers=headers).status_code == 200
 
 
 def test_without_any_key_the_seed_message_comes_back(cli, profiles_env):
@@ -190,6 +230,24 @@ def test_a_model_outside_the_profile_patterns_is_a_403_naming_it(cli, app, fake)
     assert "meta/llama-3-70b" in error["message"] and error["param"] == "model"
     assert error["type"] == "permission_error"
     assert len(fake.received) == 2
+
+
+@pytest.mark.parametrize(
+    ("model", "models", "refused"),
+    [
+        ("meta/llama-3-70b", ["openai/gpt-4o"], "meta/llama-3-70b"),
+        ("openai/gpt-4o", ["openai/gpt-4o-mini", "meta/llama-3-70b"], "meta/llama-3-70b"),
+    ],
+)
+def test_with_model_and_models_every_model_named_is_checked(cli, app, fake, model, models, refused):
+    token = token_of(cli("profiles", "create", "t", "--models", "openai/*"))
+    body = {"model": model, "models": models, "messages": MESSAGES}
+    response = app.test_client().post(
+        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 403
+    assert refused in response.get_json()["error"]["message"]
+    assert fake.received == []
 
 
 def test_the_cli_end_to_end_through_flask_and_wsgi(tmp_path: Path):
