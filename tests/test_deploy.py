@@ -82,6 +82,22 @@ def test_app_json_is_a_manifest_the_platform_accepts():
     assert procfile_command("web") and procfile_command("release")
 
 
+def test_requirements_txt_installs_the_project_and_nothing_else():
+    """The buildpack installs an app only from requirements.txt (or a lock file), no longer from
+    setup.py alone; the dependencies are declared once, in setup.cfg, so the file names the
+    project and nothing else."""
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    requirements = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert requirements == ["--editable ."]
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    assert setup["metadata"]["name"] == "openrouter-relay"
+    assert "Flask" in setup["options"]["install_requires"]
+    # The buildpack refuses to build an app with two package managers' files.
+    for lock in ("Pipfile", "Pipfile.lock", "poetry.lock", "uv.lock"):
+        assert not (ROOT / lock).exists(), lock
+
+
 def test_python_version_is_one_the_package_supports():
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
