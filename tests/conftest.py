@@ -233,16 +233,24 @@ def profiles_env(fake: FakeOpenRouter, storage_url: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def redis_url() -> str:
+def own_redis_url() -> str | None:
     """A Redis database of the tests' own (number 15 of REDIS_URL's server, or TEST_REDIS_DB so that
-    two checkouts can run their tests at once), emptied first."""
+    two checkouts can run their tests at once), emptied first; None without REDIS_URL."""
     url = os.environ.get("REDIS_URL", "")
     if not url.startswith(("redis://", "rediss://")):
-        pytest.skip("REDIS_URL does not name a Redis server")
+        return None
     import redis
 
     number = os.environ.get("TEST_REDIS_DB", "15")
     own = (url.rsplit("/", 1)[0] if url.count("/") > 2 else url) + f"/{number}"
     redis.Redis.from_url(own).flushdb()
+    return own
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The tests' own Redis database (see own_redis_url), emptied first."""
+    own = own_redis_url()
+    if own is None:
+        pytest.skip("REDIS_URL does not name a Redis server")
     return own

@@ -22,7 +22,14 @@ import pytest
 import requests
 
 from app.config import Settings
-from tests.conftest import ROOT, SERVER_KEY, RelayProcess, free_port, procfile_command
+from tests.conftest import (
+    ROOT,
+    SERVER_KEY,
+    RelayProcess,
+    free_port,
+    own_redis_url,
+    procfile_command,
+)
 from tests.fake_openrouter import FakeOpenRouter, Scenario
 
 MANIFEST = json.loads((ROOT / "app.json").read_text())
@@ -132,18 +139,6 @@ def addon_database_url(request, tmp_path: Path) -> Iterator[str]:
         connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def addon_redis_url() -> str | None:
-    """Redis database 15 of REDIS_URL's server, emptied (as the `redis_url` fixture does)."""
-    url = os.environ.get("REDIS_URL", "")
-    if not url.startswith(("redis://", "rediss://")):
-        return None
-    import redis
-
-    own = url.rsplit("/", 1)[0] + "/15" if url.count("/") > 2 else url + "/15"
-    redis.Redis.from_url(own).flushdb()
-    return own
-
-
 def app_json_environment(fake: FakeOpenRouter, database_url: str) -> dict[str, str]:
     """What a dyno gets: app.json's variables as the deploy form fills them in (defaults kept,
     secrets generated, the operator's key and base URL), and what the add-ons set."""
@@ -156,7 +151,7 @@ def app_json_environment(fake: FakeOpenRouter, database_url: str) -> dict[str, s
     env["OPENROUTER_API_KEY"] = SERVER_KEY
     env["OPENROUTER_BASE_URL"] = fake.base_url
     env["DATABASE_URL"] = database_url
-    redis_url = addon_redis_url()
+    redis_url = own_redis_url()
     if redis_url:
         env["REDIS_URL"] = redis_url
     return env
