@@ -38,11 +38,16 @@ def request_lines(relay: RelayProcess) -> list[dict]:
     ]
 
 
-def wait_for_lines(relay: RelayProcess, count: int) -> list[dict]:
+def wait_for_lines(relay: RelayProcess, count: int, path: str | None = None) -> list[dict]:
+    """The request lines (of `path` only, if given) once there are `count` of them, or after 5 s.
+
+    A line is written once its response is closed, just after the client has read it all."""
     deadline = time.monotonic() + 5
-    while len(lines := request_lines(relay)) < count and time.monotonic() < deadline:
+    while True:
+        lines = [line for line in request_lines(relay) if path in (None, line["path"])]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
         time.sleep(0.05)
-    return lines
 
 
 @pytest.fixture
@@ -137,6 +142,22 @@ def test_warnings_carry_the_request_id_of_their_stream(relay, fake):
         time.sleep(0.05)
     assert {line["request_id"] for line in warnings} == {"cut-1"}
     assert any("dropped mid-stream" in line["message"] for line in warnings)
+
+
+def test_a_model_list_refresh_carries_the_request_id_and_its_failure_is_logged_as_one(relay, fake):
+    fake.models_status = 503
+    failed = requests.get(relay.url + "/v1/models", headers={"X-Request-ID": "models-1"})
+    assert failed.status_code == 503
+    assert fake.received[-1].path == "/api/v1/models"
+    assert fake.received[-1].header("X-Request-ID") == "models-1"
+    fake.models_status = 200
+    listed = requests.get(relay.url + "/v1/models", headers={"X-Request-ID": "models-2"})
+    assert listed.status_code == 200
+    assert fake.received[-1].header("X-Request-ID") == "models-2"
+    lines = {line["request_id"]: line for line in wait_for_lines(relay, 2, "/v1/models")}
+    assert lines["models-1"]["status"] == 503
+    assert lines["models-1"]["outcome"] == "upstream_error"
+    assert lines["models-2"]["outcome"] is None
 
 
 def metric(text: str, name: str, **labels: str) -> float:
