@@ -21,21 +21,25 @@ from tests.tcp_proxy import TcpProxy
 MESSAGES = [{"role": "user", "content": "the-secret-question-7f3a"}]
 CHATBOT = "/api/chat/openrouter"
 OPENAI = "/v1/chat/completions"
+# gunicorn's graceful stop waits for every open connection: a test that keeps a response object
+# keeps its connection open, so such requests ask the relay to close theirs.
+ONE_REQUEST = {"Connection": "close"}
 
 
 def chatbot_body(model: str = "m/ok") -> dict:
     return {"chatSettings": {"model": model}, "messages": MESSAGES}
 
 
-def json_lines(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+def json_lines(relay: RelayProcess) -> list[dict]:
+    """The relay's stdout, line by line: each one must be a JSON object (a log drain's view)."""
+    lines = [json.loads(line) for line in relay.stdout_lines()]
+    assert all(isinstance(line, dict) for line in lines)
+    return lines
 
 
 def request_lines(relay: RelayProcess) -> list[dict]:
     """The request lines of everything but the start-up health probes."""
-    return [
-        line for line in json_lines(relay.log()) if "status" in line and line["path"] != "/healthz"
-    ]
+    return [line for line in json_lines(relay) if "status" in line and line["path"] != "/healthz"]
 
 
 def wait_for_lines(relay: RelayProcess, count: int, path: str | None = None) -> list[dict]:
@@ -136,7 +140,7 @@ def test_warnings_carry_the_request_id_of_their_stream(relay, fake):
         )  # requests reads the whole body, and the cut-off body raises
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        warnings = [line for line in json_lines(relay.log()) if line.get("level") == "warning"]
+        warnings = [line for line in json_lines(relay) if line.get("level") == "warning"]
         if any("cutting off" in line["message"] for line in warnings):
             break
         time.sleep(0.05)
@@ -158,6 +162,27 @@ def test_a_model_list_refresh_carries_the_request_id_and_its_failure_is_logged_a
     assert lines["models-1"]["status"] == 503
     assert lines["models-1"]["outcome"] == "upstream_error"
     assert lines["models-2"]["outcome"] is None
+
+
+def test_log_format_text_writes_plain_lines_with_the_requests_fields(start_relay, fake):
+    relay = start_relay(LOG_FORMAT="text")
+    answer = requests.post(
+        relay.url + CHATBOT, json=chatbot_body(), headers={**ONE_REQUEST, "X-Request-ID": "t-1"}
+    )
+    assert answer.status_code == 200
+    deadline = time.monotonic() + 5
+    while not any("request_id=t-1" in line for line in relay.stdout_lines()):
+        assert time.monotonic() < deadline, relay.log()
+        time.sleep(0.05)
+    lines = relay.stdout_lines()
+    for line in lines:
+        with pytest.raises(ValueError):
+            json.loads(line)
+    (line,) = [line for line in lines if "request_id=t-1" in line]
+    assert f"POST {CHATBOT} 200" in line
+    for field in ("model=m/ok", "outcome=completed", "status=200", "retries=0"):
+        assert field in line.split()
+    assert "the-secret-question" not in relay.log() and SERVER_KEY not in relay.log()
 
 
 def metric(text: str, name: str, **labels: str) -> float:
