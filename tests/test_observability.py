@@ -14,7 +14,15 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
-from tests.conftest import SERVER_KEY, RelayProcess, env_for, migrate, reset_postgres, sqlite_url
+from tests.conftest import (
+    SERVER_KEY,
+    RelayProcess,
+    env_for,
+    free_port,
+    migrate,
+    reset_postgres,
+    sqlite_url,
+)
 from tests.fake_openrouter import Scenario
 from tests.tcp_proxy import TcpProxy
 
@@ -95,6 +103,7 @@ def test_every_request_leaves_one_json_line_with_what_happened_and_no_secret(pro
     assert refused.status_code == 401
 
     lines = wait_for_lines(relay, 3)
+    assert len(lines) == 3
     by_path = {(line["path"], line["status"]): line for line in lines}
     chat = by_path[(CHATBOT, 200)]
     assert chat["request_id"] == streamed.headers["X-Request-ID"]
@@ -115,6 +124,12 @@ def test_every_request_leaves_one_json_line_with_what_happened_and_no_secret(pro
     for secret in (token, SERVER_KEY, "sk-or-v1-team-own-key-5e6f", "sk-or-v1-byok-caller-key"):
         assert secret not in log
     assert "the-secret-question" not in log
+
+    scraped = requests.get(relay.url + "/metrics").text
+    assert metric(scraped, "relay_upstream_retries_total") == 1
+    assert metric(scraped, "relay_upstream_errors_total", kind="status_503") == 1
+    for surface in ("chatbot", "openai"):
+        assert metric(scraped, DURATION_COUNT, surface=surface, outcome="completed") == 1
 
 
 def test_the_routers_request_id_is_kept_echoed_and_sent_upstream(relay, fake):
@@ -185,15 +200,22 @@ def test_log_format_text_writes_plain_lines_with_the_requests_fields(start_relay
     assert "the-secret-question" not in relay.log() and SERVER_KEY not in relay.log()
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include `labels`."""
-    return sum(
+DURATION_COUNT = "relay_stream_duration_seconds_count"
+
+
+def metric(text: str, name: str, default: float | None = None, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels`. With no such sample it fails
+    (a metric never exported must not pass for a zero), unless a `default` is given."""
+    values = [
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
         if sample.name == name
         and all(sample.labels.get(key) == value for key, value in labels.items())
-    )
+    ]
+    if not values and default is None:
+        raise AssertionError(f"no sample of {name} with labels {labels}")
+    return sum(values) if values else default
 
 
 def test_metrics_add_up_across_two_workers(fake, tmp_path):
@@ -201,35 +223,108 @@ def test_metrics_add_up_across_two_workers(fake, tmp_path):
     migrate(database)
     env = {**env_for(fake, database), "WEB_CONCURRENCY": "2", "METRICS_TOKEN": "metrics-tok"}
     relay = RelayProcess(env, tmp_path / "relay.log").start()
+
+    def scrape() -> str:
+        with requests.Session() as fresh:  # a new connection: either worker may take it
+            answer = fresh.get(
+                relay.url + "/metrics", headers={"Authorization": "Bearer metrics-tok"}
+            )
+        assert answer.status_code == 200
+        return answer.text
+
     try:
         assert requests.get(relay.url + "/metrics").status_code == 401
         fake.script("m/fail", Scenario(status=400))
-        workers = set()
         for i in range(20):
-            with requests.Session() as fresh:  # a new connection: either worker may take it
+            with requests.Session() as fresh:
                 model = "m/fail" if i % 5 == 0 else "m/ok"
                 fresh.post(relay.url + CHATBOT, json=chatbot_body(model))
-        for line in wait_for_lines(relay, 20):
-            workers.add(line.get("pid"))
-        scrapes = []
-        for _ in range(6):
-            with requests.Session() as fresh:
-                scrape = fresh.get(
-                    relay.url + "/metrics", headers={"Authorization": "Bearer metrics-tok"}
-                )
-                assert scrape.status_code == 200
-                scrapes.append(scrape.text)
+        workers = {line["pid"] for line in wait_for_lines(relay, 20, CHATBOT)}
+        scrapes = [scrape() for _ in range(6)]
         for text in scrapes:  # whichever worker answered, the figures are the whole picture
             assert metric(text, "relay_requests_total", surface="chatbot", status="200") == 16
             assert metric(text, "relay_requests_total", surface="chatbot", status="400") == 4
             assert metric(text, "relay_time_to_first_token_seconds_count") == 16
             assert metric(text, "relay_upstream_errors_total", kind="status_400") == 4
             assert metric(text, "relay_tokens_total", profile="open", kind="completion") == 64
-            assert metric(text, "relay_open_streams") == 0
+            assert metric(text, "relay_open_streams", surface="chatbot") == 0
             assert metric(text, "relay_cost_usd_total", profile="open") > 0
+            assert metric(text, DURATION_COUNT, surface="chatbot", outcome="completed") == 16
+            assert metric(text, DURATION_COUNT, surface="chatbot", outcome="upstream_error") == 4
         assert len(workers) == 2, "both workers should have served requests"
+
+        fake.script("m/slow", Scenario(tokens=["one ", "two ", "three"], interval=0.5))
+        with requests.post(
+            relay.url + CHATBOT, json=chatbot_body("m/slow"), headers=ONE_REQUEST, stream=True
+        ) as slow:
+            pieces = slow.iter_content(None)
+            first = next(pieces)
+            while_open = scrape()
+            assert first + b"".join(pieces) == b"one two three"
+        wait_for_lines(relay, 21, CHATBOT)
+        after = scrape()
+        assert metric(while_open, "relay_open_streams", surface="chatbot") == 1
+        assert metric(after, "relay_open_streams", surface="chatbot") == 0
+        assert metric(after, DURATION_COUNT, surface="chatbot", outcome="completed") == 17
+        # Its duration is the whole answer (two pauses of 0.5 s), not the time to its first token.
+        slow_duration = metric(after, "relay_stream_duration_seconds_sum") - metric(
+            scrapes[-1], "relay_stream_duration_seconds_sum"
+        )
+        assert slow_duration >= 1.0
     finally:
         relay.stop()
+
+
+# In-process apps (the Flask test client) serve the process's own registry, shared by every test
+# in this process: these tests read how far a figure moved.
+
+
+def test_limit_refusals_and_an_unreachable_limit_store_are_counted(fake, database_url):
+    env = {**env_for(fake, database_url), "AUTH_MODE": "profiles", "SECRET_KEY": "metrics-test"}
+    app = create_app(env)
+    created = app.test_cli_runner().invoke(args=["profiles", "create", "limited", "--rpm", "1"])
+    token = created.output.strip().splitlines()[-1]
+    client = app.test_client()
+    away = {**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    fail_open = create_app(away).test_client()
+    fail_closed = create_app({**away, "LIMITS_FAIL_OPEN": "false"}).test_client()
+    auth = {"Authorization": f"Bearer {token}"}
+    before = client.get("/metrics").text
+
+    assert client.post(CHATBOT, json=chatbot_body(), headers=auth).status_code == 200
+    assert client.post(CHATBOT, json=chatbot_body(), headers=auth).status_code == 429
+    assert fail_open.post(CHATBOT, json=chatbot_body(), headers=auth).status_code == 200
+    assert fail_closed.post(CHATBOT, json=chatbot_body(), headers=auth).status_code == 503
+
+    after = client.get("/metrics").text
+    for name, labels in [
+        ("relay_limit_rejections_total", {"reason": "rpm"}),
+        ("relay_limit_rejections_total", {"reason": "unavailable"}),
+        ("relay_limits_failed_open_total", {}),
+    ]:
+        moved = metric(after, name, **labels) - metric(before, name, default=0, **labels)
+        assert moved == 1, (name, labels)
+
+
+def test_the_ledger_queue_depth_and_its_dropped_rows_are_counted(fake, tmp_path):
+    folder = tmp_path / "not-there-yet"
+    url = sqlite_url(folder)
+    app = create_app({**env_for(fake, url), "LEDGER_QUEUE_MAX": "3"})
+    ledger = app.extensions["relay.ledger"]
+    client = app.test_client()
+    before = client.get("/metrics").text
+    for _ in range(8):  # the database cannot be opened: rows queue up, then overflow
+        assert client.post(OPENAI, json={"model": "m/ok", "messages": MESSAGES}).status_code == 200
+    while_away = client.get("/metrics").text
+    assert ledger.dropped >= 4
+    dropped = metric(while_away, "relay_ledger_dropped_total")
+    assert dropped - metric(before, "relay_ledger_dropped_total") == ledger.dropped
+    assert metric(while_away, "relay_ledger_queue_depth") >= 1
+
+    folder.mkdir()
+    migrate(url)
+    assert ledger.flush(15)  # the writer retries within seconds
+    assert metric(client.get("/metrics").text, "relay_ledger_queue_depth") == 0
 
 
 def test_readiness_needs_a_migrated_database(fake, tmp_path):
