@@ -7,7 +7,7 @@ import json
 import os
 import re
 import time
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import requests
@@ -342,32 +342,44 @@ def test_readiness_needs_a_migrated_database(fake, tmp_path):
     assert not fake.received
 
 
-def test_readiness_flips_when_the_database_or_redis_goes_away(fake, redis_url):
+def through(proxy: TcpProxy, url: str) -> str:
+    """`url` with its host and port replaced by the proxy's, credentials kept."""
+    parts = urlsplit(url)
+    credentials, _, _ = parts.netloc.rpartition("@")
+    address = f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=f"{credentials}@{address}" if credentials else address))
+
+
+def test_readiness_flips_when_the_database_goes_away_and_comes_back(fake):
     storage_url = os.environ.get("DATABASE_URL", "")
     if not storage_url.startswith(("postgres://", "postgresql")):
         pytest.skip("DATABASE_URL does not name a PostgreSQL database (one that can be stopped)")
     reset_postgres(storage_url)
     migrate(storage_url)
-    database, cache = urlsplit(storage_url), urlsplit(redis_url)
-    db_proxy = TcpProxy((database.hostname, database.port or 5432)).up()
-    redis_proxy = TcpProxy((cache.hostname, cache.port or 6379)).up()
-    env = {
-        **env_for(
-            fake,
-            storage_url.replace(database.netloc, f"{database.username}@127.0.0.1:{db_proxy.port}"),
-        ),
-        "REDIS_URL": f"redis://127.0.0.1:{redis_proxy.port}{cache.path}",
-    }
-    client = create_app(env).test_client()
+    database = urlsplit(storage_url)
+    proxy = TcpProxy((database.hostname, database.port or 5432)).up()
+    client = create_app(env_for(fake, through(proxy, storage_url))).test_client()
     try:
         assert client.get("/readyz").status_code == 200
-        db_proxy.down()
+        proxy.down()
         answer = client.get("/readyz")
         assert answer.status_code == 503
         assert answer.get_json()["checks"]["database"].startswith("unavailable")
-        db_proxy.up()
+        assert client.get("/healthz").status_code == 200  # alive all along
+        proxy.up()
         assert client.get("/readyz").status_code == 200
-        redis_proxy.down()
+    finally:
+        proxy.down()
+
+
+def test_readiness_flips_when_redis_goes_away_and_comes_back(fake, database_url, redis_url):
+    cache = urlsplit(redis_url)
+    proxy = TcpProxy((cache.hostname, cache.port or 6379)).up()
+    env = {**env_for(fake, database_url), "REDIS_URL": through(proxy, redis_url)}
+    client = create_app(env).test_client()
+    try:
+        assert client.get("/readyz").get_json()["checks"]["redis"] == "ok"
+        proxy.down()
         answer = client.get("/readyz")
         assert answer.status_code == 503
         assert answer.get_json()["checks"] == {
@@ -375,10 +387,11 @@ def test_readiness_flips_when_the_database_or_redis_goes_away(fake, redis_url):
             "database": "ok",
             "redis": "unavailable (ConnectionError)",
         }
-        assert client.get("/healthz").status_code == 200  # alive all along
+        assert client.get("/healthz").status_code == 200
+        proxy.up()
+        assert client.get("/readyz").status_code == 200
     finally:
-        db_proxy.down()
-        redis_proxy.down()
+        proxy.down()
 
 
 def test_cors_answers_preflights_for_allowed_origins_only_and_streams_unchanged(start_relay, fake):
