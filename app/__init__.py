@@ -45,7 +45,10 @@ def create_app(config: Mapping[str, str] | Settings | None = None) -> Flask:
     openrouter = OpenRouter(settings)
     app.extensions["relay.openrouter"] = openrouter
     app.extensions["relay.models"] = ModelCatalog(
-        lambda: openrouter.list_models(settings.openrouter_api_key or None),
+        # Refreshed within the request that found the list stale: the upstream call carries its id.
+        lambda: openrouter.list_models(
+            settings.openrouter_api_key or None, requestlog.current_request_id.get()
+        ),
         settings.models_cache_ttl,
     )
     requestlog.configure_logging(settings.log_format)

@@ -6,7 +6,7 @@ import errno
 import logging
 from collections.abc import Callable
 
-from flask import Blueprint, Flask, Response, jsonify, request
+from flask import Blueprint, Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("relay")
@@ -252,6 +252,8 @@ def handle_errors_as(surface: Blueprint | Flask, render: Renderer) -> None:
     """Make every error raised under `surface` an answer in the shape `render` gives."""
 
     def handle(error: Exception) -> Response:
-        return render(as_relay_error(error))
+        relay_error = as_relay_error(error)
+        g.relay_error = relay_error  # the request's log line says how it failed
+        return render(relay_error)
 
     surface.register_error_handler(Exception, handle)

@@ -20,6 +20,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
+from .errors import RelayError, UpstreamError, UpstreamTimeout
 from .ledger import UsageRow
 from .metrics import COST, REQUESTS, STREAM_DURATION, TIME_TO_FIRST_TOKEN, TOKENS
 
@@ -41,6 +42,7 @@ class RequestRecord:
     surface: str
     started: float
     row: UsageRow | None = None
+    failure: str | None = None  # how it failed, when it failed without a usage row
 
 
 def request_id_for(header: str | None) -> str:
@@ -78,6 +80,7 @@ def install(app: Flask) -> None:
         record = g.get("relay_record")
         if record is not None:
             response.headers["X-Request-ID"] = record.request_id
+            record.failure = _failure_of(g.get("relay_error"))
             status = response.status_code
             response.call_on_close(lambda: finish(record, status))
         return response
@@ -97,7 +100,7 @@ def finish(record: RequestRecord, status: int) -> None:
         "profile": row.caller if row else None,
         "model": row.model_requested if row else None,
         "model_served": model or None,
-        "outcome": row.outcome if went_upstream else ("rejected" if status >= 400 else None),
+        "outcome": row.outcome if went_upstream else _outcome_without_row(record, status),
         "ttft_ms": row.ttft_ms if row else None,
         "duration_ms": round(duration * 1000, 1),
         "prompt_tokens": row.prompt_tokens if row else None,
@@ -122,6 +125,19 @@ def finish(record: RequestRecord, status: int) -> None:
             TOKENS.labels(profile, model, kind).inc(count)
     if row.cost:
         COST.labels(profile, model).inc(row.cost)
+
+
+def _failure_of(error: RelayError | None) -> str | None:
+    """How OpenRouter failed a request outside any chat call (the model list), if it did."""
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, UpstreamError):
+        return "upstream_error"
+    return None
+
+
+def _outcome_without_row(record: RequestRecord, status: int) -> str | None:
+    return record.failure or ("rejected" if status >= 400 else None)
 
 
 def _client_address() -> str:

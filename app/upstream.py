@@ -73,9 +73,9 @@ class OpenRouter:
             raise UpstreamProtocolError("OpenRouter sent a completion without choices")
         return response.content, completion, response.relay_retries  # type: ignore[attr-defined]
 
-    def list_models(self, key: str | None) -> list[dict[str, Any]]:
+    def list_models(self, key: str | None, request_id: str | None = None) -> list[dict[str, Any]]:
         """OpenRouter's model list (its `data` array)."""
-        response = self._send("GET", "/models", None, key)
+        response = self._send("GET", "/models", None, key, request_id)
         listing = _json_body(response)
         if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
             raise UpstreamProtocolError("OpenRouter sent a model list without data")

@@ -101,12 +101,15 @@ def procfile_command(process: str = "web") -> list[str]:
 
 
 class RelayProcess:
-    """gunicorn running the Procfile's web command on a free port; its output goes to a file."""
+    """gunicorn running the Procfile's web command on a free port. Its stdout (the relay's own
+    lines) goes to `log_path`; its stderr (gunicorn's log) and the release command's output go to
+    `stderr_path`, as a platform keeps them apart."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.stderr_path = log_path.with_name(log_path.name + ".stderr")
         self._env = {
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "HOME": os.environ.get("HOME", "/tmp"),
@@ -114,30 +117,32 @@ class RelayProcess:
             "WEB_CONCURRENCY": "1",
             **env,
         }
-        self._log = None
+        self._outputs: list = []
         self.process: subprocess.Popen | None = None
 
-    def release(self) -> None:
+    def release(self, output) -> None:
         """Run the Procfile's release command (the schema migrations), as a PaaS would."""
         subprocess.run(
             procfile_command("release"),
             cwd=ROOT,
             env=self._env,
-            stdout=self._log,
+            stdout=output,
             stderr=subprocess.STDOUT,
             check=True,
             timeout=60,
         )
 
     def start(self) -> RelayProcess:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.release()
+        # Closed in stop().
+        stdout, stderr = open(self.log_path, "ab"), open(self.stderr_path, "ab")  # noqa: SIM115
+        self._outputs = [stdout, stderr]
+        self.release(stderr)
         self.process = subprocess.Popen(
             procfile_command(),
             cwd=ROOT,
             env=self._env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            stdout=stdout,
+            stderr=stderr,
             start_new_session=True,
         )
         deadline = time.monotonic() + 20
@@ -161,11 +166,19 @@ class RelayProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        if self._log:
-            self._log.close()
+        for output in self._outputs:
+            output.close()
+
+    def stdout_lines(self) -> list[str]:
+        """The web process's stdout so far, as whole lines (one still being written is left out)."""
+        text = self.log_path.read_text(errors="replace")
+        return text[: text.rfind("\n") + 1].splitlines()
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        """Everything the relay printed: the release's output, gunicorn's log, the relay's lines."""
+        return self.stderr_path.read_text(errors="replace") + self.log_path.read_text(
+            errors="replace"
+        )
 
 
 @pytest.fixture
@@ -233,16 +246,24 @@ def profiles_env(fake: FakeOpenRouter, storage_url: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def redis_url() -> str:
+def own_redis_url() -> str | None:
     """A Redis database of the tests' own (number 15 of REDIS_URL's server, or TEST_REDIS_DB so that
-    two checkouts can run their tests at once), emptied first."""
+    two checkouts can run their tests at once), emptied first; None without REDIS_URL."""
     url = os.environ.get("REDIS_URL", "")
     if not url.startswith(("redis://", "rediss://")):
-        pytest.skip("REDIS_URL does not name a Redis server")
+        return None
     import redis
 
     number = os.environ.get("TEST_REDIS_DB", "15")
     own = (url.rsplit("/", 1)[0] if url.count("/") > 2 else url) + f"/{number}"
     redis.Redis.from_url(own).flushdb()
+    return own
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The tests' own Redis database (see own_redis_url), emptied first."""
+    own = own_redis_url()
+    if own is None:
+        pytest.skip("REDIS_URL does not name a Redis server")
     return own

@@ -22,7 +22,14 @@ import pytest
 import requests
 
 from app.config import Settings
-from tests.conftest import ROOT, SERVER_KEY, RelayProcess, free_port, procfile_command
+from tests.conftest import (
+    ROOT,
+    SERVER_KEY,
+    RelayProcess,
+    free_port,
+    own_redis_url,
+    procfile_command,
+)
 from tests.fake_openrouter import FakeOpenRouter, Scenario
 
 MANIFEST = json.loads((ROOT / "app.json").read_text())
@@ -82,6 +89,22 @@ def test_app_json_is_a_manifest_the_platform_accepts():
     assert procfile_command("web") and procfile_command("release")
 
 
+def test_requirements_txt_installs_the_project_and_nothing_else():
+    """The buildpack installs an app only from requirements.txt (or a lock file), no longer from
+    setup.py alone; the dependencies are declared once, in setup.cfg, so the file names the
+    project and nothing else."""
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    requirements = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert requirements == ["--editable ."]
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    assert setup["metadata"]["name"] == "openrouter-relay"
+    assert "Flask" in setup["options"]["install_requires"]
+    # The buildpack refuses to build an app with two package managers' files.
+    for lock in ("Pipfile", "Pipfile.lock", "poetry.lock", "uv.lock"):
+        assert not (ROOT / lock).exists(), lock
+
+
 def test_python_version_is_one_the_package_supports():
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
@@ -116,18 +139,6 @@ def addon_database_url(request, tmp_path: Path) -> Iterator[str]:
         connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def addon_redis_url() -> str | None:
-    """Redis database 15 of REDIS_URL's server, emptied (as the `redis_url` fixture does)."""
-    url = os.environ.get("REDIS_URL", "")
-    if not url.startswith(("redis://", "rediss://")):
-        return None
-    import redis
-
-    own = url.rsplit("/", 1)[0] + "/15" if url.count("/") > 2 else url + "/15"
-    redis.Redis.from_url(own).flushdb()
-    return own
-
-
 def app_json_environment(fake: FakeOpenRouter, database_url: str) -> dict[str, str]:
     """What a dyno gets: app.json's variables as the deploy form fills them in (defaults kept,
     secrets generated, the operator's key and base URL), and what the add-ons set."""
@@ -140,7 +151,7 @@ def app_json_environment(fake: FakeOpenRouter, database_url: str) -> dict[str, s
     env["OPENROUTER_API_KEY"] = SERVER_KEY
     env["OPENROUTER_BASE_URL"] = fake.base_url
     env["DATABASE_URL"] = database_url
-    redis_url = addon_redis_url()
+    redis_url = own_redis_url()
     if redis_url:
         env["REDIS_URL"] = redis_url
     return env
