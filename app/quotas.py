@@ -129,47 +129,66 @@ class Quotas:
             log.warning("could not add spend (%s)", type(error).__name__)
 
     def _admit(self, caller: Caller) -> Admission:
-        profile = caller.profile
+        profile, name = caller.profile, caller.name
         if profile is not None and profile.monthly_budget is not None:
-            spent = self._spend.total(caller.name)
+            spent = self._spend.total(name)
             if spent >= profile.monthly_budget:
                 raise BudgetExhausted(
-                    f"Profile '{caller.name}' has spent its monthly budget "
+                    f"Profile '{name}' has spent its monthly budget "
                     f"(${spent:.2f} of ${profile.monthly_budget:.2f})"
                 )
-        headers: dict[str, str] = {}
         rpm = (profile and profile.rpm) or self.settings.default_rpm
-        if rpm:
-            headers = self._count_request(caller.name, rpm)
         concurrency = (profile and profile.concurrency) or self.settings.default_concurrency
-        if not concurrency:
-            return Admission(headers)
-        release = self._slots.acquire(caller.name, concurrency)
+        # The slot is taken before the request is counted, so that a request refused for either
+        # limit uses up none of the other.
+        release = self._slots.acquire(name, concurrency) if concurrency else _nothing
         if release is None:
-            raise _refusal(
-                f"Too many concurrent streams for '{caller.name}' (limit {concurrency})",
-                {**headers, "Retry-After": "1"},
-                "concurrency",
-            )
-        return Admission(headers, release)
+            raise self._too_many_streams(name, concurrency, rpm)
+        if not rpm:
+            return Admission({}, release)
+        try:
+            return Admission(self._count_request(name, rpm), release)
+        except BaseException:
+            release()
+            raise
 
     def _count_request(self, name: str, rpm: int) -> dict[str, str]:
         item = RateLimitItemPerMinute(rpm)
         allowed = self._rates.hit(item, "rpm", name)
-        stats = self._rates.get_window_stats(item, "rpm", name)
+        headers = self._rate_headers(name, rpm)
+        if not allowed:
+            raise _refusal(
+                f"Rate limit reached for '{name}': {rpm} requests per minute",
+                {**headers, "Retry-After": headers["x-ratelimit-reset-requests"][:-1]},
+                "rpm",
+            )
+        return headers
+
+    def _rate_headers(self, name: str, rpm: int) -> dict[str, str]:
+        stats = self._rates.get_window_stats(RateLimitItemPerMinute(rpm), "rpm", name)
         reset = max(1, math.ceil(stats.reset_time - time.time()))
-        headers = {
+        return {
             "x-ratelimit-limit-requests": str(rpm),
             "x-ratelimit-remaining-requests": str(stats.remaining),
             "x-ratelimit-reset-requests": f"{reset}s",
         }
-        if not allowed:
-            raise _refusal(
-                f"Rate limit reached for '{name}': {rpm} requests per minute",
-                {**headers, "Retry-After": str(reset)},
-                "rpm",
-            )
-        return headers
+
+    def _too_many_streams(self, name: str, concurrency: int, rpm: int) -> RateLimited:
+        """The refusal of a request over its concurrency limit: its headers describe the rate
+        limit when there is one (uncounted), else the concurrency limit."""
+        if not rpm:
+            headers = {
+                "x-ratelimit-limit-requests": str(concurrency),
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": "1s",
+            }
+        else:
+            headers = self._rate_headers(name, rpm)
+        return _refusal(
+            f"Too many concurrent streams for '{name}' (limit {concurrency})",
+            {**headers, "Retry-After": "1"},
+            "concurrency",
+        )
 
     def _spent_in_database(self, caller: str) -> float:
         month_start = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)

@@ -291,3 +291,60 @@ def test_a_body_the_server_closes_unread_still_ends_the_stream(app, fake, surfac
     assert fake.wait_for(lambda: fake.requests_for("m/long")[-1].client_gone, 2)
     assert chatbot(app.test_client(), token).status_code == 200
     assert app.extensions["relay.ledger"].flush(5)
+
+
+def test_a_request_refused_by_one_limit_uses_up_none_of_the_other(app, fake):
+    token = create_profile(app, "--rpm", "3", "--concurrency", "1")
+    fake.script("m/ok", Scenario(tokens=["a", "b", "c"]))
+    client = app.test_client()
+    held = completion(client, token, stream=True)
+    assert held.status_code == 200
+    for _ in range(5):
+        refused = completion(client, token)  # for concurrency: the minute is not used up
+        assert refused.status_code == 429
+        assert refused.headers["x-ratelimit-limit-requests"] == "3"
+        assert refused.headers["x-ratelimit-remaining-requests"] == "2"
+    held.close()
+    assert chatbot(client, token).status_code == 200
+    last = completion(client, token)
+    assert last.status_code == 200
+    assert last.headers["x-ratelimit-remaining-requests"] == "0"
+    assert chatbot(client, token).status_code == 429  # now the rate, with no slot held by it
+    result = app.test_cli_runner().invoke(args=["profiles", "limit", "team", "--rpm", "10"])
+    assert result.exit_code == 0, result.output
+    held = completion(client, token, stream=True)
+    assert held.status_code == 200  # no slot was kept by the requests the rate refused
+    assert chatbot(client, token).status_code == 429
+    held.close()
+
+
+def refusal_message(response, surface: str) -> str:
+    """The message of an error response, checking it has its surface's shape."""
+    body = response.get_json()
+    if surface == "text":
+        assert set(body) == {"message"}
+        return body["message"]
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "code", "param"}
+    assert body["error"]["type"] == "rate_limit_exceeded"
+    return body["error"]["message"]
+
+
+@pytest.mark.parametrize("surface", ["text", "openai"])
+@pytest.mark.parametrize("limit", ["rpm", "concurrency"])
+def test_every_429_carries_retry_after_and_the_rate_limit_headers(app, fake, limit, surface):
+    token = create_profile(app, f"--{limit}", "1")
+    fake.script("m/ok", Scenario(tokens=["a", "b", "c"]))
+    client = app.test_client()
+    held = completion(client, token, stream=True)
+    assert held.status_code == 200
+    refused = {"text": chatbot, "openai": completion}[surface](client, token)
+    held.close()
+    assert refused.status_code == 429
+    retry_after = int(refused.headers["Retry-After"])
+    assert 1 <= retry_after <= 60
+    assert refused.headers["x-ratelimit-limit-requests"] == "1"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-reset-requests"] == f"{retry_after}s"
+    expected = {"rpm": "1 requests per minute", "concurrency": "concurrent streams"}[limit]
+    assert expected in refusal_message(refused, surface)
