@@ -37,6 +37,7 @@ log = logging.getLogger("relay")
 SLOT_TTL = 60.0  # a slot held by a worker that died frees itself after this long
 SPEND_REREAD = 10.0  # seconds an in-process spend figure is trusted before the ledger is re-read
 SPEND_RESEED = 3600  # seconds before Redis's spend figure is reconciled with the ledger
+SPEND_BACKOFF = 10.0  # seconds spend is not added in Redis after a failure (the ledger never waits)
 _REDIS_TIMEOUT = 0.5
 _STORE_FAILURES = (RedisError, StorageError, SQLAlchemyError, OSError)
 
@@ -126,7 +127,10 @@ class Quotas:
         try:
             self._spend.add(caller, cost)
         except _STORE_FAILURES as error:  # the ledger stays the source of truth
-            log.warning("could not add spend (%s)", type(error).__name__)
+            log.warning(
+                "could not add spend (%s): the figure will be read from the ledger again",
+                type(error).__name__,
+            )
 
     def _admit(self, caller: Caller) -> Admission:
         profile, name = caller.profile, caller.name
@@ -337,15 +341,27 @@ return false
 
 class RedisSpend:
     """This month's spend per caller in Redis, seeded from the ledger when the key is missing and
-    reconciled with it every SPEND_RESEED seconds (the key's expiry)."""
+    reconciled with it every SPEND_RESEED seconds (the key's expiry).
 
-    def __init__(self, client: Any, from_database: Callable[[str], float]) -> None:
+    Adds run on the ledger's writer, which must never wait on a Redis that hangs: after a failure
+    they skip Redis for `backoff` seconds, and the figures they missed are deleted once Redis
+    answers again, so that the ledger seeds them afresh.
+    """
+
+    def __init__(
+        self, client: Any, from_database: Callable[[str], float], backoff: float = SPEND_BACKOFF
+    ) -> None:
         self._client = client
         self._from_database = from_database
         self._add = client.register_script(_ADD_SPEND)
+        self._backoff = backoff
+        self._resume_at = 0.0
+        self._stale: set[str] = set()
+        self._lock = threading.Lock()
 
     def total(self, name: str) -> float:
-        key = f"relay:spend:{name}:{_month()}"
+        self._forget_stale()
+        key = _spend_key(name)
         value = self._client.get(key)
         if value is None:
             self._client.set(key, self._from_database(name), nx=True, ex=SPEND_RESEED)
@@ -355,4 +371,32 @@ class RedisSpend:
     def add(self, name: str, cost: float) -> None:
         """Add to a seeded figure only: a missing key is seeded from the ledger, which already
         holds this cost."""
-        self._add(keys=[f"relay:spend:{name}:{_month()}"], args=[cost])
+        key = _spend_key(name)
+        if time.monotonic() < self._resume_at:
+            with self._lock:
+                self._stale.add(key)
+            return
+        try:
+            self._forget_stale()
+            self._add(keys=[key], args=[cost])
+        except _STORE_FAILURES:
+            with self._lock:
+                self._stale.add(key)
+            self._resume_at = time.monotonic() + self._backoff
+            raise
+
+    def _forget_stale(self) -> None:
+        if not self._stale or time.monotonic() < self._resume_at:
+            return
+        with self._lock:
+            stale, self._stale = self._stale, set()
+        try:
+            self._client.delete(*stale)
+        except BaseException:
+            with self._lock:
+                self._stale |= stale
+            raise
+
+
+def _spend_key(name: str) -> str:
+    return f"relay:spend:{name}:{_month()}"

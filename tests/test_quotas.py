@@ -12,10 +12,12 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 import requests
+from redis.exceptions import RedisError
 from werkzeug.test import EnvironBuilder
 
 from app import create_app
-from app.quotas import RedisSlots
+from app.ledger import UsageRow
+from app.quotas import RedisSlots, RedisSpend
 from tests.conftest import ROOT, RelayProcess, env_for, migrate, sqlite_url
 from tests.fake_openrouter import Scenario
 from tests.tcp_proxy import TcpProxy
@@ -179,7 +181,8 @@ SLOTS = "relay:slots:team"
 
 HOLD_A_SLOT = """
 import sys, time, redis
-from app.quotas import RedisSlots
+from app.ledger import UsageRow
+from app.quotas import RedisSlots, RedisSpend
 slots = RedisSlots(redis.Redis.from_url(sys.argv[1]), ttl=1.5)
 assert slots.acquire("team", 1) is not None
 print("held", flush=True)
@@ -348,3 +351,68 @@ def test_every_429_carries_retry_after_and_the_rate_limit_headers(app, fake, lim
     assert refused.headers["x-ratelimit-reset-requests"] == f"{retry_after}s"
     expected = {"rpm": "1 requests per minute", "concurrency": "concurrent streams"}[limit]
     assert expected in refusal_message(refused, surface)
+
+
+def silent_redis_url() -> tuple[TcpProxy, str]:
+    """A Redis that accepts connections and never answers (nothing behind it)."""
+    silent = TcpProxy(("127.0.0.1", 9)).up(silent=True)
+    return silent, f"redis://127.0.0.1:{silent.port}/0"
+
+
+def test_a_redis_that_never_answers_does_not_hold_up_the_ledger(profiles_env):
+    silent, url = silent_redis_url()
+    ledger = create_app({**profiles_env, "REDIS_URL": url}).extensions["relay.ledger"]
+    try:
+        for i in range(20):
+            ledger.record(UsageRow(f"team-{i % 3}", "openai", "m/ok", cost=0.01))
+        assert ledger.flush(4), "adding spend to a hung Redis held the ledger's writer up"
+        assert ledger.written == 20 and not ledger.dropped
+    finally:
+        silent.down()
+
+
+@pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
+def test_a_redis_that_never_answers_follows_limits_fail_open_at_once(profiles_env, fake, fail_open):
+    silent, url = silent_redis_url()
+    env = {**profiles_env, "REDIS_URL": url, "LIMITS_FAIL_OPEN": str(fail_open).lower()}
+    app = create_app(env)
+    token = create_profile(app, "--rpm", "10", "--concurrency", "2", "--monthly-budget", "5")
+    answers = []
+    # The budget is read first, then the slot taken, then the request counted: drop them in turn.
+    for options in ([], ["--no-budget"], ["--concurrency", "0"]):
+        if options:
+            result = app.test_cli_runner().invoke(args=["profiles", "limit", "team", *options])
+            assert result.exit_code == 0, result.output
+        asking = threading.Thread(
+            target=lambda: answers.append(completion(app.test_client(), token)), daemon=True
+        )
+        asking.start()
+        asking.join(5)
+        assert not asking.is_alive(), "the request hung on a Redis that never answers"
+    silent.down()
+    assert [answer.status_code for answer in answers] == [200 if fail_open else 503] * 3
+
+
+def test_spend_added_while_redis_hung_is_reseeded_from_the_ledger_once_it_answers(redis_url):
+    real = urlsplit(redis_url)
+    proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 6379)).up()
+    client = redis.Redis.from_url(f"redis://127.0.0.1:{proxy.port}{real.path}", socket_timeout=0.5)
+    ledger = {"team": 0.0, "other": 0.0}  # what the database holds this month
+    spend = RedisSpend(client, ledger.__getitem__, backoff=1.0)
+    try:
+        assert spend.total("team") == 0.0
+        proxy.silence()
+        ledger["team"] += 2.0
+        with pytest.raises(RedisError):
+            spend.add("team", 2.0)
+        ledger["team"] += 1.0
+        spend.add("team", 1.0)  # skipped while Redis is given time to come back
+        proxy.down()
+        proxy.up()
+        time.sleep(1.0)
+        ledger["other"] += 1.0
+        spend.add("other", 1.0)  # the first add that reaches Redis again
+        assert spend.total("team") == 3.0
+        assert spend.total("other") == 1.0
+    finally:
+        proxy.down()
