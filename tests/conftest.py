@@ -233,10 +233,9 @@ def profiles_env(fake: FakeOpenRouter, storage_url: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def redis_url() -> str:
+def own_redis_url() -> str:
     """A Redis database of the tests' own (number 15 of REDIS_URL's server, or TEST_REDIS_DB so that
-    two checkouts can run their tests at once), emptied first."""
+    two checkouts can run their tests at once), emptied first; skips without REDIS_URL."""
     url = os.environ.get("REDIS_URL", "")
     if not url.startswith(("redis://", "rediss://")):
         pytest.skip("REDIS_URL does not name a Redis server")
@@ -246,3 +245,8 @@ def redis_url() -> str:
     own = (url.rsplit("/", 1)[0] if url.count("/") > 2 else url) + f"/{number}"
     redis.Redis.from_url(own).flushdb()
     return own
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return own_redis_url()
