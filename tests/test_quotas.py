@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import pytest
@@ -21,12 +23,13 @@ from app.quotas import RedisSlots, RedisSpend
 from tests.conftest import ROOT, RelayProcess, env_for, migrate, sqlite_url
 from tests.fake_openrouter import Scenario
 from tests.tcp_proxy import TcpProxy
+from tests.test_observability import metric
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
 
-def create_profile(app, *options: str) -> str:
-    result = app.test_cli_runner().invoke(args=["profiles", "create", "team", *options])
+def create_profile(app, *options: str, name: str = "team") -> str:
+    result = app.test_cli_runner().invoke(args=["profiles", "create", name, *options])
     assert result.exit_code == 0, result.output
     return result.output.strip().splitlines()[-1]
 
@@ -300,14 +303,13 @@ def test_a_request_refused_by_one_limit_uses_up_none_of_the_other(app, fake):
     token = create_profile(app, "--rpm", "3", "--concurrency", "1")
     fake.script("m/ok", Scenario(tokens=["a", "b", "c"]))
     client = app.test_client()
-    held = completion(client, token, stream=True)
-    assert held.status_code == 200
-    for _ in range(5):
-        refused = completion(client, token)  # for concurrency: the minute is not used up
-        assert refused.status_code == 429
-        assert refused.headers["x-ratelimit-limit-requests"] == "3"
-        assert refused.headers["x-ratelimit-remaining-requests"] == "2"
-    held.close()
+    with completion(client, token, stream=True) as held:
+        assert held.status_code == 200
+        for _ in range(5):
+            refused = completion(client, token)  # for concurrency: the minute is not used up
+            assert refused.status_code == 429
+            assert refused.headers["x-ratelimit-limit-requests"] == "3"
+            assert refused.headers["x-ratelimit-remaining-requests"] == "2"
     assert chatbot(client, token).status_code == 200
     last = completion(client, token)
     assert last.status_code == 200
@@ -315,10 +317,9 @@ def test_a_request_refused_by_one_limit_uses_up_none_of_the_other(app, fake):
     assert chatbot(client, token).status_code == 429  # now the rate, with no slot held by it
     result = app.test_cli_runner().invoke(args=["profiles", "limit", "team", "--rpm", "10"])
     assert result.exit_code == 0, result.output
-    held = completion(client, token, stream=True)
-    assert held.status_code == 200  # no slot was kept by the requests the rate refused
-    assert chatbot(client, token).status_code == 429
-    held.close()
+    with completion(client, token, stream=True) as held:
+        assert held.status_code == 200  # no slot was kept by the requests the rate refused
+        assert chatbot(client, token).status_code == 429
 
 
 def refusal_message(response, surface: str) -> str:
@@ -339,10 +340,9 @@ def test_every_429_carries_retry_after_and_the_rate_limit_headers(app, fake, lim
     token = create_profile(app, f"--{limit}", "1")
     fake.script("m/ok", Scenario(tokens=["a", "b", "c"]))
     client = app.test_client()
-    held = completion(client, token, stream=True)
-    assert held.status_code == 200
-    refused = {"text": chatbot, "openai": completion}[surface](client, token)
-    held.close()
+    with completion(client, token, stream=True) as held:
+        assert held.status_code == 200
+        refused = {"text": chatbot, "openai": completion}[surface](client, token)
     assert refused.status_code == 429
     retry_after = int(refused.headers["Retry-After"])
     assert 1 <= retry_after <= 60
@@ -416,3 +416,61 @@ def test_spend_added_while_redis_hung_is_reseeded_from_the_ledger_once_it_answer
         assert spend.total("other") == 1.0
     finally:
         proxy.down()
+
+
+def test_default_concurrency_applies_to_profiles_without_a_limit_of_their_own(profiles_env, fake):
+    app = create_app({**profiles_env, "DEFAULT_CONCURRENCY": "1"})
+    team = create_profile(app)
+    wide = create_profile(app, "--concurrency", "2", name="wide")
+    fake.script("m/ok", Scenario(tokens=["a", "b", "c"]))
+    client = app.test_client()
+    with contextlib.ExitStack() as streams:
+        held = [streams.enter_context(completion(client, team, stream=True))]
+        assert chatbot(client, team).status_code == 429
+        held += [streams.enter_context(completion(client, wide, stream=True)) for _ in range(2)]
+        assert [response.status_code for response in held] == [200, 200, 200]
+        assert chatbot(client, wide).status_code == 429
+
+
+def test_redis_spend_is_seeded_from_this_months_ledger(profiles_env, redis_url, fake):
+    env = {**profiles_env, "REDIS_URL": redis_url}
+    before = create_app(env)
+    spender = create_profile(before, "--monthly-budget", "1")
+    saver = create_profile(before, "--monthly-budget", "1", name="saver")
+    ledger = before.extensions["relay.ledger"]
+    last_month = datetime.now(UTC).replace(day=1) - timedelta(days=1)
+    ledger.record(UsageRow("team", "openai", "m/ok", cost=0.6))
+    ledger.record(UsageRow("team", "chatbot", "m/ok", cost=0.6))
+    ledger.record(UsageRow("saver", "openai", "m/ok", at=last_month, cost=5.0))
+    assert ledger.flush(10)
+    client = create_app(env).test_client()  # a restart, Redis holding no figure yet
+    with chatbot(client, spender) as refused:
+        assert refused.status_code == 402
+        assert "($1.20 of $1.00)" in refused.get_json()["message"]
+    with chatbot(client, saver) as served:
+        assert served.status_code == 200
+    assert len(fake.received) == 1
+
+
+def test_serving_without_limits_is_counted_in_the_metrics(fake, tmp_path):
+    silent, url = silent_redis_url()
+    database = sqlite_url(tmp_path)
+    migrate(database)
+    env = {**env_for(fake, database), "REDIS_URL": url, "DEFAULT_RPM": "5"}
+    relay = RelayProcess(env, tmp_path / "relay.log").start()
+    try:
+        assert metric(requests.get(relay.url + "/metrics", timeout=10).text, FAILED_OPEN) == 0
+        for _ in range(2):
+            body = {"model": "m/ok", "messages": MESSAGES}
+            assert (
+                requests.post(relay.url + "/v1/chat/completions", json=body, timeout=10).status_code
+                == 200
+            )
+        assert metric(requests.get(relay.url + "/metrics", timeout=10).text, FAILED_OPEN) == 2
+        assert "serving without them" in relay.log()
+    finally:
+        relay.stop()
+        silent.down()
+
+
+FAILED_OPEN = "relay_limits_failed_open_total"
