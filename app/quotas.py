@@ -37,6 +37,7 @@ log = logging.getLogger("relay")
 SLOT_TTL = 60.0  # a slot held by a worker that died frees itself after this long
 SPEND_REREAD = 10.0  # seconds an in-process spend figure is trusted before the ledger is re-read
 SPEND_RESEED = 3600  # seconds before Redis's spend figure is reconciled with the ledger
+SPEND_BACKOFF = 10.0  # seconds spend is not added in Redis after a failure (the ledger never waits)
 _REDIS_TIMEOUT = 0.5
 _STORE_FAILURES = (RedisError, StorageError, SQLAlchemyError, OSError)
 
@@ -126,50 +127,72 @@ class Quotas:
         try:
             self._spend.add(caller, cost)
         except _STORE_FAILURES as error:  # the ledger stays the source of truth
-            log.warning("could not add spend (%s)", type(error).__name__)
+            log.warning(
+                "could not add spend (%s): the figure will be read from the ledger again",
+                type(error).__name__,
+            )
 
     def _admit(self, caller: Caller) -> Admission:
-        profile = caller.profile
+        profile, name = caller.profile, caller.name
         if profile is not None and profile.monthly_budget is not None:
-            spent = self._spend.total(caller.name)
+            spent = self._spend.total(name)
             if spent >= profile.monthly_budget:
                 raise BudgetExhausted(
-                    f"Profile '{caller.name}' has spent its monthly budget "
+                    f"Profile '{name}' has spent its monthly budget "
                     f"(${spent:.2f} of ${profile.monthly_budget:.2f})"
                 )
-        headers: dict[str, str] = {}
         rpm = (profile and profile.rpm) or self.settings.default_rpm
-        if rpm:
-            headers = self._count_request(caller.name, rpm)
         concurrency = (profile and profile.concurrency) or self.settings.default_concurrency
-        if not concurrency:
-            return Admission(headers)
-        release = self._slots.acquire(caller.name, concurrency)
+        # The slot is taken before the request is counted, so that a request refused for either
+        # limit uses up none of the other.
+        release = self._slots.acquire(name, concurrency) if concurrency else _nothing
         if release is None:
-            raise _refusal(
-                f"Too many concurrent streams for '{caller.name}' (limit {concurrency})",
-                {**headers, "Retry-After": "1"},
-                "concurrency",
-            )
-        return Admission(headers, release)
+            raise self._too_many_streams(name, concurrency, rpm)
+        if not rpm:
+            return Admission({}, release)
+        try:
+            return Admission(self._count_request(name, rpm), release)
+        except BaseException:
+            release()
+            raise
 
     def _count_request(self, name: str, rpm: int) -> dict[str, str]:
         item = RateLimitItemPerMinute(rpm)
         allowed = self._rates.hit(item, "rpm", name)
-        stats = self._rates.get_window_stats(item, "rpm", name)
+        headers = self._rate_headers(name, rpm)
+        if not allowed:
+            raise _refusal(
+                f"Rate limit reached for '{name}': {rpm} requests per minute",
+                {**headers, "Retry-After": headers["x-ratelimit-reset-requests"][:-1]},
+                "rpm",
+            )
+        return headers
+
+    def _rate_headers(self, name: str, rpm: int) -> dict[str, str]:
+        stats = self._rates.get_window_stats(RateLimitItemPerMinute(rpm), "rpm", name)
         reset = max(1, math.ceil(stats.reset_time - time.time()))
-        headers = {
+        return {
             "x-ratelimit-limit-requests": str(rpm),
             "x-ratelimit-remaining-requests": str(stats.remaining),
             "x-ratelimit-reset-requests": f"{reset}s",
         }
-        if not allowed:
-            raise _refusal(
-                f"Rate limit reached for '{name}': {rpm} requests per minute",
-                {**headers, "Retry-After": str(reset)},
-                "rpm",
-            )
-        return headers
+
+    def _too_many_streams(self, name: str, concurrency: int, rpm: int) -> RateLimited:
+        """The refusal of a request over its concurrency limit: its headers describe the rate
+        limit when there is one (uncounted), else the concurrency limit."""
+        if not rpm:
+            headers = {
+                "x-ratelimit-limit-requests": str(concurrency),
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": "1s",
+            }
+        else:
+            headers = self._rate_headers(name, rpm)
+        return _refusal(
+            f"Too many concurrent streams for '{name}' (limit {concurrency})",
+            {**headers, "Retry-After": "1"},
+            "concurrency",
+        )
 
     def _spent_in_database(self, caller: str) -> float:
         month_start = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
@@ -318,15 +341,27 @@ return false
 
 class RedisSpend:
     """This month's spend per caller in Redis, seeded from the ledger when the key is missing and
-    reconciled with it every SPEND_RESEED seconds (the key's expiry)."""
+    reconciled with it every SPEND_RESEED seconds (the key's expiry).
 
-    def __init__(self, client: Any, from_database: Callable[[str], float]) -> None:
+    Adds run on the ledger's writer, which must never wait on a Redis that hangs: after a failure
+    they skip Redis for `backoff` seconds, and the figures they missed are deleted once Redis
+    answers again, so that the ledger seeds them afresh.
+    """
+
+    def __init__(
+        self, client: Any, from_database: Callable[[str], float], backoff: float = SPEND_BACKOFF
+    ) -> None:
         self._client = client
         self._from_database = from_database
         self._add = client.register_script(_ADD_SPEND)
+        self._backoff = backoff
+        self._resume_at = 0.0
+        self._stale: set[str] = set()
+        self._lock = threading.Lock()
 
     def total(self, name: str) -> float:
-        key = f"relay:spend:{name}:{_month()}"
+        self._forget_stale()
+        key = _spend_key(name)
         value = self._client.get(key)
         if value is None:
             self._client.set(key, self._from_database(name), nx=True, ex=SPEND_RESEED)
@@ -336,4 +371,32 @@ class RedisSpend:
     def add(self, name: str, cost: float) -> None:
         """Add to a seeded figure only: a missing key is seeded from the ledger, which already
         holds this cost."""
-        self._add(keys=[f"relay:spend:{name}:{_month()}"], args=[cost])
+        key = _spend_key(name)
+        if time.monotonic() < self._resume_at:
+            with self._lock:
+                self._stale.add(key)
+            return
+        try:
+            self._forget_stale()
+            self._add(keys=[key], args=[cost])
+        except _STORE_FAILURES:
+            with self._lock:
+                self._stale.add(key)
+            self._resume_at = time.monotonic() + self._backoff
+            raise
+
+    def _forget_stale(self) -> None:
+        if not self._stale or time.monotonic() < self._resume_at:
+            return
+        with self._lock:
+            stale, self._stale = self._stale, set()
+        try:
+            self._client.delete(*stale)
+        except BaseException:
+            with self._lock:
+                self._stale |= stale
+            raise
+
+
+def _spend_key(name: str) -> str:
+    return f"relay:spend:{name}:{_month()}"

@@ -1,4 +1,5 @@
-"""A TCP forwarder on loopback that a test can take down and bring back (a database going away)."""
+"""A TCP forwarder on loopback that a test can take down, silence and bring back (a database going
+away, or hanging)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,22 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._silent = False
 
-    def up(self) -> TcpProxy:
+    def up(self, silent: bool = False) -> TcpProxy:
+        """Accept connections and forward them, or (silent) hold them open and never answer."""
+        self._silent = silent
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         listener.listen(64)
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def silence(self) -> TcpProxy:
+        """Hang: keep every connection open, old and new, but pass nothing on any more."""
+        self._silent = True
         return self
 
     def down(self) -> None:
@@ -48,6 +57,10 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
+            if self._silent:
+                with self._lock:
+                    self._open.append(client)
+                continue
             try:
                 server = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -59,10 +72,10 @@ class TcpProxy:
             for source, sink in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                sink.sendall(data)
+                if not self._silent:
+                    sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)

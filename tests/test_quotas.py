@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import pytest
 import redis
 import requests
+from redis.exceptions import RedisError
 from werkzeug.test import EnvironBuilder
 
 from app import create_app
-from app.quotas import RedisSlots
+from app.ledger import UsageRow
+from app.quotas import RedisSlots, RedisSpend
 from tests.conftest import ROOT, RelayProcess, env_for, migrate, sqlite_url
 from tests.fake_openrouter import Scenario
 from tests.tcp_proxy import TcpProxy
+from tests.test_observability import metric
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
 
-def create_profile(app, *options: str) -> str:
-    result = app.test_cli_runner().invoke(args=["profiles", "create", "team", *options])
+def create_profile(app, *options: str, name: str = "team") -> str:
+    result = app.test_cli_runner().invoke(args=["profiles", "create", name, *options])
     assert result.exit_code == 0, result.output
     return result.output.strip().splitlines()[-1]
 
@@ -179,7 +184,8 @@ SLOTS = "relay:slots:team"
 
 HOLD_A_SLOT = """
 import sys, time, redis
-from app.quotas import RedisSlots
+from app.ledger import UsageRow
+from app.quotas import RedisSlots, RedisSpend
 slots = RedisSlots(redis.Redis.from_url(sys.argv[1]), ttl=1.5)
 assert slots.acquire("team", 1) is not None
 print("held", flush=True)
@@ -291,3 +297,180 @@ def test_a_body_the_server_closes_unread_still_ends_the_stream(app, fake, surfac
     assert fake.wait_for(lambda: fake.requests_for("m/long")[-1].client_gone, 2)
     assert chatbot(app.test_client(), token).status_code == 200
     assert app.extensions["relay.ledger"].flush(5)
+
+
+def test_a_request_refused_by_one_limit_uses_up_none_of_the_other(app, fake):
+    token = create_profile(app, "--rpm", "3", "--concurrency", "1")
+    fake.script("m/ok", Scenario(tokens=["a", "b", "c"]))
+    client = app.test_client()
+    with completion(client, token, stream=True) as held:
+        assert held.status_code == 200
+        for _ in range(5):
+            refused = completion(client, token)  # for concurrency: the minute is not used up
+            assert refused.status_code == 429
+            assert refused.headers["x-ratelimit-limit-requests"] == "3"
+            assert refused.headers["x-ratelimit-remaining-requests"] == "2"
+    assert chatbot(client, token).status_code == 200
+    last = completion(client, token)
+    assert last.status_code == 200
+    assert last.headers["x-ratelimit-remaining-requests"] == "0"
+    assert chatbot(client, token).status_code == 429  # now the rate, with no slot held by it
+    result = app.test_cli_runner().invoke(args=["profiles", "limit", "team", "--rpm", "10"])
+    assert result.exit_code == 0, result.output
+    with completion(client, token, stream=True) as held:
+        assert held.status_code == 200  # no slot was kept by the requests the rate refused
+        assert chatbot(client, token).status_code == 429
+
+
+def refusal_message(response, surface: str) -> str:
+    """The message of an error response, checking it has its surface's shape."""
+    body = response.get_json()
+    if surface == "text":
+        assert set(body) == {"message"}
+        return body["message"]
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "code", "param"}
+    assert body["error"]["type"] == "rate_limit_exceeded"
+    return body["error"]["message"]
+
+
+@pytest.mark.parametrize("surface", ["text", "openai"])
+@pytest.mark.parametrize("limit", ["rpm", "concurrency"])
+def test_every_429_carries_retry_after_and_the_rate_limit_headers(app, fake, limit, surface):
+    token = create_profile(app, f"--{limit}", "1")
+    fake.script("m/ok", Scenario(tokens=["a", "b", "c"]))
+    client = app.test_client()
+    with completion(client, token, stream=True) as held:
+        assert held.status_code == 200
+        refused = {"text": chatbot, "openai": completion}[surface](client, token)
+    assert refused.status_code == 429
+    retry_after = int(refused.headers["Retry-After"])
+    assert 1 <= retry_after <= 60
+    assert refused.headers["x-ratelimit-limit-requests"] == "1"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-reset-requests"] == f"{retry_after}s"
+    expected = {"rpm": "1 requests per minute", "concurrency": "concurrent streams"}[limit]
+    assert expected in refusal_message(refused, surface)
+
+
+def silent_redis_url() -> tuple[TcpProxy, str]:
+    """A Redis that accepts connections and never answers (nothing behind it)."""
+    silent = TcpProxy(("127.0.0.1", 9)).up(silent=True)
+    return silent, f"redis://127.0.0.1:{silent.port}/0"
+
+
+def test_a_redis_that_never_answers_does_not_hold_up_the_ledger(profiles_env):
+    silent, url = silent_redis_url()
+    ledger = create_app({**profiles_env, "REDIS_URL": url}).extensions["relay.ledger"]
+    try:
+        for i in range(20):
+            ledger.record(UsageRow(f"team-{i % 3}", "openai", "m/ok", cost=0.01))
+        assert ledger.flush(4), "adding spend to a hung Redis held the ledger's writer up"
+        assert ledger.written == 20 and not ledger.dropped
+    finally:
+        silent.down()
+
+
+@pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
+def test_a_redis_that_never_answers_follows_limits_fail_open_at_once(profiles_env, fake, fail_open):
+    silent, url = silent_redis_url()
+    env = {**profiles_env, "REDIS_URL": url, "LIMITS_FAIL_OPEN": str(fail_open).lower()}
+    app = create_app(env)
+    token = create_profile(app, "--rpm", "10", "--concurrency", "2", "--monthly-budget", "5")
+    answers = []
+    # The budget is read first, then the slot taken, then the request counted: drop them in turn.
+    for options in ([], ["--no-budget"], ["--concurrency", "0"]):
+        if options:
+            result = app.test_cli_runner().invoke(args=["profiles", "limit", "team", *options])
+            assert result.exit_code == 0, result.output
+        asking = threading.Thread(
+            target=lambda: answers.append(completion(app.test_client(), token)), daemon=True
+        )
+        asking.start()
+        asking.join(5)
+        assert not asking.is_alive(), "the request hung on a Redis that never answers"
+    silent.down()
+    assert [answer.status_code for answer in answers] == [200 if fail_open else 503] * 3
+
+
+def test_spend_added_while_redis_hung_is_reseeded_from_the_ledger_once_it_answers(redis_url):
+    real = urlsplit(redis_url)
+    proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 6379)).up()
+    client = redis.Redis.from_url(f"redis://127.0.0.1:{proxy.port}{real.path}", socket_timeout=0.5)
+    ledger = {"team": 0.0, "other": 0.0}  # what the database holds this month
+    spend = RedisSpend(client, ledger.__getitem__, backoff=1.0)
+    try:
+        assert spend.total("team") == 0.0
+        proxy.silence()
+        ledger["team"] += 2.0
+        with pytest.raises(RedisError):
+            spend.add("team", 2.0)
+        ledger["team"] += 1.0
+        spend.add("team", 1.0)  # skipped while Redis is given time to come back
+        proxy.down()
+        proxy.up()
+        time.sleep(1.0)
+        ledger["other"] += 1.0
+        spend.add("other", 1.0)  # the first add that reaches Redis again
+        assert spend.total("team") == 3.0
+        assert spend.total("other") == 1.0
+    finally:
+        proxy.down()
+
+
+def test_default_concurrency_applies_to_profiles_without_a_limit_of_their_own(profiles_env, fake):
+    app = create_app({**profiles_env, "DEFAULT_CONCURRENCY": "1"})
+    team = create_profile(app)
+    wide = create_profile(app, "--concurrency", "2", name="wide")
+    fake.script("m/ok", Scenario(tokens=["a", "b", "c"]))
+    client = app.test_client()
+    with contextlib.ExitStack() as streams:
+        held = [streams.enter_context(completion(client, team, stream=True))]
+        assert chatbot(client, team).status_code == 429
+        held += [streams.enter_context(completion(client, wide, stream=True)) for _ in range(2)]
+        assert [response.status_code for response in held] == [200, 200, 200]
+        assert chatbot(client, wide).status_code == 429
+
+
+def test_redis_spend_is_seeded_from_this_months_ledger(profiles_env, redis_url, fake):
+    env = {**profiles_env, "REDIS_URL": redis_url}
+    before = create_app(env)
+    spender = create_profile(before, "--monthly-budget", "1")
+    saver = create_profile(before, "--monthly-budget", "1", name="saver")
+    ledger = before.extensions["relay.ledger"]
+    last_month = datetime.now(UTC).replace(day=1) - timedelta(days=1)
+    ledger.record(UsageRow("team", "openai", "m/ok", cost=0.6))
+    ledger.record(UsageRow("team", "chatbot", "m/ok", cost=0.6))
+    ledger.record(UsageRow("saver", "openai", "m/ok", at=last_month, cost=5.0))
+    assert ledger.flush(10)
+    client = create_app(env).test_client()  # a restart, Redis holding no figure yet
+    with chatbot(client, spender) as refused:
+        assert refused.status_code == 402
+        assert "($1.20 of $1.00)" in refused.get_json()["message"]
+    with chatbot(client, saver) as served:
+        assert served.status_code == 200
+    assert len(fake.received) == 1
+
+
+def test_serving_without_limits_is_counted_in_the_metrics(fake, tmp_path):
+    silent, url = silent_redis_url()
+    database = sqlite_url(tmp_path)
+    migrate(database)
+    env = {**env_for(fake, database), "REDIS_URL": url, "DEFAULT_RPM": "5"}
+    relay = RelayProcess(env, tmp_path / "relay.log").start()
+    try:
+        assert metric(requests.get(relay.url + "/metrics", timeout=10).text, FAILED_OPEN) == 0
+        for _ in range(2):
+            body = {"model": "m/ok", "messages": MESSAGES}
+            assert (
+                requests.post(relay.url + "/v1/chat/completions", json=body, timeout=10).status_code
+                == 200
+            )
+        assert metric(requests.get(relay.url + "/metrics", timeout=10).text, FAILED_OPEN) == 2
+        assert "serving without them" in relay.log()
+    finally:
+        relay.stop()
+        silent.down()
+
+
+FAILED_OPEN = "relay_limits_failed_open_total"
