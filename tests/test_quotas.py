@@ -41,6 +41,13 @@ def chatbot(client, token, **kwargs):
     )
 
 
+def held_stream(client, token, fake):
+    """A /v1 stream that holds its slot until closed: OpenRouter is still answering (the relay
+    reads ahead of a client, so a short answer would be over upstream before the client reads)."""
+    fake.script("m/held", Scenario(tokens=["w "] * 200, interval=0.05))
+    return completion(client, token, stream=True, model="m/held")
+
+
 def completion(client, token, **fields):
     body = {"model": "m/ok", "messages": MESSAGES, **fields}
     return client.post(
@@ -82,7 +89,7 @@ def test_a_concurrency_slot_is_held_while_streaming_and_given_back_at_the_end(ap
     finished = completion(client, token, stream=True)
     assert finished.status_code == 200
     assert finished.get_data().endswith(b"data: [DONE]\n\n")  # read to its end: slot back
-    open_stream = completion(client, token, stream=True)
+    open_stream = held_stream(client, token, fake)
     assert open_stream.status_code == 200
     refused = chatbot(client, token)
     assert refused.status_code == 429
@@ -303,7 +310,7 @@ def test_a_request_refused_by_one_limit_uses_up_none_of_the_other(app, fake):
     token = create_profile(app, "--rpm", "3", "--concurrency", "1")
     fake.script("m/ok", Scenario(tokens=["a", "b", "c"]))
     client = app.test_client()
-    with completion(client, token, stream=True) as held:
+    with held_stream(client, token, fake) as held:
         assert held.status_code == 200
         for _ in range(5):
             refused = completion(client, token)  # for concurrency: the minute is not used up
@@ -317,7 +324,7 @@ def test_a_request_refused_by_one_limit_uses_up_none_of_the_other(app, fake):
     assert chatbot(client, token).status_code == 429  # now the rate, with no slot held by it
     result = app.test_cli_runner().invoke(args=["profiles", "limit", "team", "--rpm", "10"])
     assert result.exit_code == 0, result.output
-    with completion(client, token, stream=True) as held:
+    with held_stream(client, token, fake) as held:
         assert held.status_code == 200  # no slot was kept by the requests the rate refused
         assert chatbot(client, token).status_code == 429
 
@@ -340,7 +347,7 @@ def test_every_429_carries_retry_after_and_the_rate_limit_headers(app, fake, lim
     token = create_profile(app, f"--{limit}", "1")
     fake.script("m/ok", Scenario(tokens=["a", "b", "c"]))
     client = app.test_client()
-    with completion(client, token, stream=True) as held:
+    with held_stream(client, token, fake) as held:
         assert held.status_code == 200
         refused = {"text": chatbot, "openai": completion}[surface](client, token)
     assert refused.status_code == 429
@@ -425,9 +432,9 @@ def test_default_concurrency_applies_to_profiles_without_a_limit_of_their_own(pr
     fake.script("m/ok", Scenario(tokens=["a", "b", "c"]))
     client = app.test_client()
     with contextlib.ExitStack() as streams:
-        held = [streams.enter_context(completion(client, team, stream=True))]
+        held = [streams.enter_context(held_stream(client, team, fake))]
         assert chatbot(client, team).status_code == 429
-        held += [streams.enter_context(completion(client, wide, stream=True)) for _ in range(2)]
+        held += [streams.enter_context(held_stream(client, wide, fake)) for _ in range(2)]
         assert [response.status_code for response in held] == [200, 200, 200]
         assert chatbot(client, wide).status_code == 429
 
