@@ -14,12 +14,14 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import RelayProcess, env_for, sqlite_url
 from tests.fake_openrouter import Scenario
 from tests.test_end_to_end import start_raw_stream
 
@@ -113,15 +115,27 @@ def rss_kib(pid: int) -> int:
     raise LookupError("VmRSS")
 
 
-@pytest.fixture(scope="module")
-def faulty_relay(fake_server, tmp_path_factory):
-    from tests.conftest import RelayProcess, env_for, sqlite_url
-
+def relay_for_the_module(fake_server, tmp_path_factory, **overrides: str) -> Iterator:
     folder = tmp_path_factory.mktemp("faults")
-    env = {**env_for(fake_server, sqlite_url(folder)), "UPSTREAM_READ_TIMEOUT": str(READ_TIMEOUT)}
-    relay = RelayProcess(env, folder / "gunicorn.log")
+    relay = RelayProcess(
+        {**env_for(fake_server, sqlite_url(folder)), **overrides}, folder / "gunicorn.log"
+    )
     yield relay.start()
     relay.stop()
+
+
+@pytest.fixture(scope="module")
+def faulty_relay(fake_server, tmp_path_factory):
+    yield from relay_for_the_module(
+        fake_server, tmp_path_factory, UPSTREAM_READ_TIMEOUT=str(READ_TIMEOUT)
+    )
+
+
+@pytest.fixture(scope="module")
+def retrying_relay(fake_server, tmp_path_factory):
+    yield from relay_for_the_module(
+        fake_server, tmp_path_factory, UPSTREAM_RETRIES="2", UPSTREAM_RETRY_BACKOFF="0.05"
+    )
 
 
 BEFORE_FIRST_BYTE = {
@@ -247,6 +261,30 @@ def test_a_fault_after_the_first_byte_never_looks_complete(faulty_relay, fake, s
     # also what tells OpenRouter to stop generating.
     assert fake.wait_for(lambda: upstream.connection_closed is not None, 3)
     assert_nothing_left(faulty_relay, fake)
+
+
+# Failures before the first byte that a retry hides, and the least time the retry must wait.
+RETRIED = {
+    "503-then-success": (Scenario(status=503, error_message="No provider"), 0.0),
+    "429-retry-after-then-success": (Scenario(status=429, retry_after="1"), 1.0),
+}
+
+
+@pytest.mark.parametrize("surface", [TEXT, SSE], ids=["text", "sse"])
+@pytest.mark.parametrize("fault", RETRIED, ids=str)
+def test_a_failure_before_the_first_byte_is_retried_unseen(retrying_relay, fake, surface, fault):
+    failure, wait = RETRIED[fault]
+    fake.script("m/flaky", failure, Scenario(tokens=["fine"]))
+    with chat(retrying_relay, surface, "m/flaky") as response:
+        assert response.status_code == 200
+        if surface == TEXT:
+            assert response.text == "fine"
+        else:
+            assert '"content":"fine"' in response.text
+            assert response.text.endswith("data: [DONE]\n\n")
+    first, second = fake.requests_for("m/flaky")
+    assert second.started - first.started >= wait
+    assert_nothing_left(retrying_relay, fake)
 
 
 def test_a_stalled_upstream_is_cut_within_the_read_timeout_and_closed(faulty_relay, fake):
