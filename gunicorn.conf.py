@@ -33,10 +33,11 @@ bind = f"0.0.0.0:{_settings.port}"
 workers = _settings.web_concurrency
 worker_connections = _settings.worker_connections
 # On SIGTERM, in-flight streams get GRACEFUL_TIMEOUT to finish (each worker's own setting, see
-# post_worker_init); the master waits a few seconds more before it kills a worker, so that the
-# worker can still write its queued usage rows (worker_exit). Heroku sends SIGKILL 30 s after
-# SIGTERM: 25 + 5 fits.
-_EXIT_MARGIN = 5
+# post_worker_init). A worker cuts those still running up to 3 s after it (it looks once a second,
+# then gives them 1 s), then writes its queued usage rows for up to 3 s (worker_exit); only then
+# may the master kill it. Heroku sends SIGKILL 30 s after SIGTERM: the default 20 + 6 fits.
+_CUT_OFF_DELAY = 3
+_EXIT_MARGIN = _CUT_OFF_DELAY + 3
 graceful_timeout = round(_settings.graceful_timeout) + _EXIT_MARGIN
 # Streams are long-lived; a gevent worker keeps heartbeating while they run, so this only
 # catches a worker whose event loop is stuck.
@@ -57,7 +58,7 @@ def post_worker_init(worker):
 def worker_exit(server, worker):
     """Write the usage rows still queued before the worker goes (a deploy's SIGTERM)."""
     ledger = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("relay.ledger")
-    if ledger is not None and not ledger.flush(timeout=_EXIT_MARGIN - 2):
+    if ledger is not None and not ledger.flush(timeout=_EXIT_MARGIN - _CUT_OFF_DELAY):
         server.log.error("usage ledger: %d rows not written at worker exit", ledger.unwritten)
 
 

@@ -151,7 +151,7 @@ class Settings:
     port: int = _setting("PORT", _port, 8000)
     web_concurrency: int = _setting("WEB_CONCURRENCY", _positive_int, 2)
     worker_connections: int = _setting("WORKER_CONNECTIONS", _positive_int, 1000)
-    graceful_timeout: float = _setting("GRACEFUL_TIMEOUT", _positive_number, 25.0)
+    graceful_timeout: float = _setting("GRACEFUL_TIMEOUT", _positive_number, 20.0)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:

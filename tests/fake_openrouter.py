@@ -5,6 +5,7 @@ Tests point the relay at it and then look at what it received and whether its cl
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import select
@@ -83,6 +84,9 @@ class Received:
     started: float
     finished: float | None = None
     client_gone: float | None = None
+    # When the relay closed the TCP connection that carried this request, during or after the
+    # response (noted on the connection's last request: one given back to the pool stays open).
+    connection_closed: float | None = None
     completed: bool = False
     tokens_sent: int = 0
     generation_id: str = ""
@@ -100,6 +104,8 @@ class FakeOpenRouter:
     def __init__(self) -> None:
         self.received: list[Received] = []
         self.connections = 0
+        # The client ports of connections waiting for their next request (idle in a pool).
+        self.idle_ports: set[int] = set()
         self.models: list[dict] = [dict(model) for model in DEFAULT_MODELS]
         self.models_status = 200
         self.models_delay = 0.0
@@ -141,9 +147,13 @@ class FakeOpenRouter:
             self._server.server_close()
 
     @property
-    def base_url(self) -> str:
+    def port(self) -> int:
         assert self._server, "start() the fake first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}/api/v1"
+        return self._server.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v1"
 
     def script(self, model: str, *scenarios: Scenario) -> None:
         """Answer `model`'s requests with these scenarios in turn; the last one then repeats."""
@@ -200,10 +210,40 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def handle(self) -> None:
+        self._received: Received | None = None
         try:
             super().handle()
         except (ClientGone, ConnectionError, TimeoutError):
             self.close_connection = True
+        self.owner.idle_ports.discard(self.client_address[1])
+        self._await_close()
+
+    def handle_one_request(self) -> None:
+        self.owner.idle_ports.add(self.client_address[1])
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        self.owner.idle_ports.discard(self.client_address[1])
+        return super().parse_request()
+
+    def _await_close(self) -> None:
+        """Half-close the connection (if the relay has not closed it) and note when the relay
+        closes its end: a relay that keeps a failed stream's connection never does."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+        if self._received is None:
+            return
+        while not self._relay_closed():
+            if self.owner._stopping.is_set():
+                return
+        self._received.connection_closed = time.monotonic()
+
+    def _relay_closed(self) -> bool:
+        readable, _, _ = select.select([self.connection], [], [], 0.1)
+        try:
+            return bool(readable) and not self.connection.recv(65536)
+        except OSError:
+            return True
 
     def do_GET(self) -> None:
         received = self._receive(None)
@@ -249,6 +289,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.command, self.path, dict(self.headers.items()), body, time.monotonic()
         )
         received.generation_id = self._generation_id
+        self._received = received
         self.owner.record(received)
         return received
 
@@ -337,7 +378,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._event(received, scenario, chunk)
         self._write(received, b"0\r\n\r\n")
         received.finished = time.monotonic()
-        self.close_connection = True
 
     def _event(self, received: Received, scenario: Scenario, chunk: dict) -> None:
         data = json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
@@ -374,8 +414,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._pause(received, 1.0)
 
     def _drop(self) -> None:
+        """End the connection mid-response; handle() then waits for the relay to close its end."""
         self.close_connection = True
-        self.connection.shutdown(socket.SHUT_RDWR)
         raise ClientGone()
 
     def _peer_closed(self) -> bool:

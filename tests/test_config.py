@@ -13,6 +13,10 @@ def test_defaults_need_no_environment():
     assert settings.openrouter_base_url == "https://openrouter.ai/api/v1"
     assert settings.upstream_connect_timeout == 10
     assert settings.upstream_read_timeout == 300
+    assert settings.upstream_retries == 2
+    assert settings.upstream_retry_backoff == 0.5
+    assert settings.retry_after_max == 10
+    assert settings.graceful_timeout == 20
     assert settings.max_request_bytes == 20 * 1024 * 1024
     assert settings.port == 8000
 
