@@ -14,7 +14,7 @@ from .heartbeats import HEARTBEAT, HeartbeatReader
 from .keys import Caller
 from .ledger import UsageRow
 from .metrics import count_open_stream
-from .presenters import Opening, present_as_sse
+from .presenters import present_as_sse
 from .requestlog import current_request_id, note_usage
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -73,14 +73,18 @@ def event_stream_response(
     response starts anyway with a comment and heartbeats, because a router drops a request that
     sent nothing for 30 s; a failure then arrives as an error event.
     """
-    opening = Opening(open_)
-    reader = HeartbeatReader(opening, heartbeat_interval)
+    headers = STREAM_HEADERS
+
+    def open_source() -> ChatStream:
+        nonlocal headers
+        stream, headers = open_()
+        stream.skim()  # the events are relayed as sent
+        return stream
+
+    reader = HeartbeatReader(open_source, heartbeat_interval)
     batches = iter(reader)
     first = next(batches)  # raises what kept the stream from starting
-    if first is HEARTBEAT:
-        headers, first = STREAM_HEADERS, None
-    else:
-        headers, first = first[0].headers, first[1:]
+    first = None if first is HEARTBEAT else first[1:]  # without OPENED
     response = Response(
         present_as_sse(batches, first), content_type="text/event-stream", headers=headers
     )

@@ -1,9 +1,10 @@
 """Keeping a silent stream alive, and relaying a fast one in batches.
 
-A helper thread (a greenlet under gevent) reads the items; the consumer takes everything that
-arrived since it last looked, as one batch, and gets HEARTBEAT instead when nothing arrived for a
-whole interval. Under gevent the reader runs until its socket has nothing more to give, so a
-fast upstream's events leave in few large writes while a slow one's leave one by one, at once.
+A helper thread (a greenlet under gevent) opens the source and reads its items; the consumer takes
+everything that arrived since it last looked, as one batch, and gets HEARTBEAT instead when nothing
+arrived for a whole interval. Under gevent the reader runs until its socket has nothing more to
+give, so a fast upstream's events leave in few large writes while a slow one's leave one by one,
+at once.
 """
 
 from __future__ import annotations
@@ -11,37 +12,36 @@ from __future__ import annotations
 import _thread
 import contextvars
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 HEARTBEAT: Any = object()
+OPENED: Any = object()  # the first item of all: the source is open
 
 MAX_AHEAD = 32  # items the reader may hold before the consumer takes them: back-pressure
 
 _END = object()
 
 
-def _nothing() -> None:
-    pass
-
-
-class ClosableIterable(Protocol):
+class Source(Protocol):
     def __iter__(self) -> Iterator[Any]: ...
 
     def close(self) -> None: ...
 
 
 class HeartbeatReader:
-    """Iterating yields lists of what `items` yielded meanwhile, and HEARTBEAT after `interval`
-    seconds without any.
+    """Iterating yields lists of what the source yielded meanwhile (the first one starting with
+    OPENED), and HEARTBEAT after `interval` seconds without any.
 
-    Exceptions from `items` are re-raised by the iteration, after the items that came before
-    them. `stop()` (or closing the iteration) calls `items.close()`, which must be safe from any
-    thread and unblock a read in progress; the reader then ends at its next item.
+    `open_source` runs in the reader's thread, so the wait for it is covered by heartbeats too.
+    Exceptions from opening or reading are re-raised by the iteration, after the items that came
+    before them. `stop()` (or closing the iteration) closes the source, from whichever thread
+    calls it: `Source.close` must be safe from any thread and unblock a read in progress.
     """
 
-    def __init__(self, items: ClosableIterable, interval: float) -> None:
-        self._items = items
+    def __init__(self, open_source: Callable[[], Source], interval: float) -> None:
+        self._open_source: Callable[[], Source] | None = open_source
+        self._source: Source | None = None
         self._interval = interval
         self._pending: list[Any] = []
         self._changed = threading.Condition()
@@ -56,7 +56,8 @@ class HeartbeatReader:
         with self._changed:
             self._stopped = True
             self._changed.notify()
-        self._items.close()
+        if self._source is not None:
+            self._source.close()
 
     def _hand_over(self, item: Any) -> bool:
         with self._changed:
@@ -67,12 +68,17 @@ class HeartbeatReader:
             return not self._stopped
 
     def _read(self) -> None:
-        items = iter(self._items)
         try:
-            for item in items:
-                if not self._hand_over(item):
-                    getattr(items, "close", _nothing)()  # lets a generator's `finally` run now
-                    return
+            open_source, self._open_source = self._open_source, None
+            source = self._source = open_source()  # type: ignore[misc]
+            del open_source  # it holds the request's body, and a stream may run for minutes
+            if self._stopped:  # stop() came while it opened, and could not close it
+                source.close()
+                return
+            if self._hand_over(OPENED):
+                for item in source:
+                    if not self._hand_over(item):
+                        return  # stop() has closed the source
         except BaseException as error:  # handed to the consumer, which re-raises it
             self._failure = error
         self._hand_over(_END)

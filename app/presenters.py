@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator
 
 from .errors import ClientDisconnected, RelayError, StreamCutOff, error_kind
 from .events import ChatStream
-from .heartbeats import HEARTBEAT
+from .heartbeats import HEARTBEAT, OPENED
 
 log = logging.getLogger("relay")
 
@@ -63,44 +61,10 @@ def _cut_off_on_failure(first: bytes | None, pieces: Iterator[bytes]) -> Iterato
         pieces.close()
 
 
-@dataclass
-class Opened:
-    """The first item of an opening's reader: the stream, and the headers its response carries."""
-
-    stream: ChatStream
-    headers: dict[str, str]
-
-
-class Opening:
-    """Iterating opens the stream (in the reader's thread), yields Opened, then the stream's
-    events. `close()` may be called from any thread, before, during or after the opening."""
-
-    def __init__(self, open_stream: Callable[[], tuple[ChatStream, dict[str, str]]]) -> None:
-        self._open_stream = open_stream
-        self._stream: ChatStream | None = None
-        self._closed = False
-
-    def __iter__(self) -> Iterator[Any]:
-        stream, headers = self._open_stream()
-        stream.skim()
-        self._stream = stream
-        try:
-            if not self._closed:
-                yield Opened(stream, headers)
-                yield from stream
-        finally:
-            stream.close()
-
-    def close(self) -> None:
-        self._closed = True
-        if self._stream is not None:
-            self._stream.close()
-
-
 def present_as_sse(batches: Iterator, first: list | None = None) -> Iterator[bytes]:
     """OpenAI's event stream: OpenRouter's events relayed as they come, then `data: [DONE]`.
 
-    `batches` iterates a HeartbeatReader over an Opening; `first` is the batch the caller
+    `batches` iterates a HeartbeatReader over the stream; `first` is the batch the caller
     already took from it, if any. A comment goes out at once (so that the headers leave now) and
     again whenever nothing arrived for a heartbeat interval, even while the stream is still being
     opened. A failure, before the first event or after it, becomes one error event and the
@@ -114,7 +78,7 @@ def present_as_sse(batches: Iterator, first: list | None = None) -> Iterator[byt
             if batch is HEARTBEAT:
                 yield b": keep-alive\n\n"
                 continue
-            if type(batch[0]) is Opened:
+            if batch[0] is OPENED:
                 batch = batch[1:]
                 if not batch:
                     continue
