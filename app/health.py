@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
 from flask.typing import ResponseReturnValue
-from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from .migrations import LATEST, current_version
@@ -45,6 +44,6 @@ def _database(engine) -> str:
 def _redis(quotas) -> str:
     try:
         quotas.ping()
-    except (RedisError, OSError) as error:
+    except quotas.failures as error:
         return f"unavailable ({type(error).__name__})"
     return "ok"

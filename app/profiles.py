@@ -12,10 +12,8 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from cryptography.fernet import Fernet, InvalidToken
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -63,27 +61,43 @@ def new_token() -> str:
 
 
 class KeyBox:
-    """Encrypts profiles' OpenRouter keys with a key derived from SECRET_KEY."""
+    """Encrypts profiles' OpenRouter keys with a key derived from SECRET_KEY.
+
+    cryptography is loaded at the first key sealed or opened: a relay whose profiles hold no keys
+    of their own never needs it, and it would cost every worker 6 MB.
+    """
 
     def __init__(self, secret_key: str) -> None:
-        self._fernet: Fernet | None = None
-        if secret_key:
+        self._secret_key = secret_key
+        self._fernet: Any = None
+
+    def _cipher(self) -> Any:
+        if self._fernet is None and self._secret_key:
+            from cryptography.fernet import Fernet
+            from cryptography.hazmat.primitives import hashes
+            from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
             derived = HKDF(
                 algorithm=hashes.SHA256(), length=32, salt=None, info=b"openrouter-relay keys"
-            ).derive(secret_key.encode())
+            ).derive(self._secret_key.encode())
             self._fernet = Fernet(base64.urlsafe_b64encode(derived))
+        return self._fernet
 
     def seal(self, key: str) -> str:
-        if self._fernet is None:
+        cipher = self._cipher()
+        if cipher is None:
             raise ProfileError("SECRET_KEY must be set to store a profile's OpenRouter key")
-        return self._fernet.encrypt(key.encode()).decode()
+        return cipher.encrypt(key.encode()).decode()
 
     def open(self, sealed: str) -> str | None:
         """The key, or None when SECRET_KEY is missing or not the one it was sealed with."""
-        if self._fernet is None:
+        cipher = self._cipher()
+        if cipher is None:
             return None
+        from cryptography.fernet import InvalidToken
+
         try:
-            return self._fernet.decrypt(sealed.encode()).decode()
+            return cipher.decrypt(sealed.encode()).decode()
         except InvalidToken:
             return None
 

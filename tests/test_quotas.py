@@ -19,7 +19,7 @@ from werkzeug.test import EnvironBuilder
 
 from app import create_app
 from app.ledger import UsageRow
-from app.quotas import RedisSlots, RedisSpend
+from app.shared_limits import RedisSlots, RedisSpend
 from tests.conftest import ROOT, RelayProcess, env_for, migrate, sqlite_url
 from tests.fake_openrouter import Scenario
 from tests.tcp_proxy import TcpProxy
@@ -192,7 +192,7 @@ SLOTS = "relay:slots:team"
 HOLD_A_SLOT = """
 import sys, time, redis
 from app.ledger import UsageRow
-from app.quotas import RedisSlots, RedisSpend
+from app.shared_limits import RedisSlots, RedisSpend
 slots = RedisSlots(redis.Redis.from_url(sys.argv[1]), ttl=1.5)
 assert slots.acquire("team", 1) is not None
 print("held", flush=True)
