@@ -50,8 +50,9 @@ class ChatStream:
 
     def skim(self) -> None:
         """Parse only the events the relay must act on, for a presenter that relays events as
-        sent: the first, any naming an error or usage, and any not shaped like a chunk. The
-        others are yielded with `None` for their parsed chunk.
+        sent: the first, any naming an error or usage, and any not shaped like a chunk (an object
+        whose braces balance, naming choices). The others are yielded with `None` for their
+        parsed chunk.
 
         Parsing is most of a relayed event's cost, and an ordinary content delta holds nothing the
         relay needs. An error hidden inside message text cannot trigger this: in a JSON string
@@ -90,6 +91,7 @@ class ChatStream:
                     and self.first_event_at is not None
                     and data[:1] == "{"
                     and data[-1:] == "}"
+                    and data.count("{") == data.count("}")  # cut short inside an object
                     and '"choices"' in data
                     and '"error"' not in data
                     and '"usage"' not in data
@@ -125,8 +127,13 @@ class ChatStream:
         if self.closed:
             return
         self.closed = True
-        while self._on_close:
-            callback = self._on_close.pop()
+        if not self.done and self.failure is None:
+            self.abandoned = True  # whoever closes it mid-stream stopped reading: a client abort
+        while True:
+            try:
+                callback = self._on_close.pop()  # atomic: two threads closing at once split them
+            except IndexError:
+                break
             try:
                 callback()
             except Exception:  # the other callbacks (ledger row, slot) must still run

@@ -160,6 +160,9 @@ CONNECTION_UNUSABLE = {"200-not-sse", "drop-before-headers", "slow-headers"}
 NOT_UTF8 = b'data: {"choices":[{"index":0,"delta":{"content":"\xe2\x9c"}}]}\n\n'
 NOT_JSON = b"data: {not json\n\n"
 NO_CHOICES = b'data: {"id": "gen-1"}\n\n'
+# Shaped like a chunk at both ends, with an object cut short inside: the SSE surface must not
+# relay it unread.
+JSON_CUT_SHORT = b'data: {"id":"g","choices":[{"delta":{"content":"b"}}\n\n'
 
 # The first event itself is bad: the chatbot surface has sent nothing yet, so it still answers
 # with an error status; the /v1 surface's event stream has begun (an error event, see below).
@@ -179,6 +182,7 @@ AFTER_FIRST_BYTE = {
     "no-done": Scenario(tokens=["a", "b"], send_done=False),
     "data-not-json": Scenario(tokens=["a", "b"], raw_events=[NOT_JSON]),
     "no-choices": Scenario(tokens=["a", "b"], raw_events=[NO_CHOICES]),
+    "json-cut-short": Scenario(tokens=["a", "b"], raw_events=[JSON_CUT_SHORT]),
     "not-utf8": Scenario(tokens=["a", "b"], raw_events=[NOT_UTF8]),
     "cut-in-utf8": Scenario(
         tokens=["a", "b"],
