@@ -19,9 +19,9 @@ _chatbot_request = ChatbotRequest()
 
 @bp.post("/api/chat/openrouter")
 def chat() -> Response:
-    payload = load(_chatbot_request, read_json_object(request))
     extensions = current_app.extensions
     caller = resolve_caller(request, extensions["relay.settings"], extensions["relay.profiles"])
+    payload = load(_chatbot_request, read_json_object(request))
     chat_settings = payload["chatSettings"]
     caller.check_models([chat_settings["model"]])
     upstream_payload = {

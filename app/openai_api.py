@@ -22,11 +22,11 @@ handle_errors_as(bp, render_openai_error)
 
 @bp.post("/chat/completions")
 def chat_completions() -> Response:
-    payload = read_json_object(request)
-    load(_chat_completion_request, payload)
     extensions = current_app.extensions
     settings = extensions["relay.settings"]
     caller = resolve_caller(request, settings, extensions["relay.profiles"])
+    payload = read_json_object(request)
+    load(_chat_completion_request, payload)
     named = [payload["model"]] if "model" in payload else []
     caller.check_models([*named, *payload.get("models", [])])
     model = payload.get("model") or payload["models"][0]

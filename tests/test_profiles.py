@@ -121,6 +121,15 @@ def test_requests_need_a_valid_enabled_token_on_both_surfaces(cli, app, fake):
     assert len(fake.received) == 2
 
 
+@pytest.mark.parametrize("body", [b"{}", b"not json", b"x" * (21 * 1024 * 1024)])
+@pytest.mark.parametrize("path", ["/api/chat/openrouter", "/v1/chat/completions"])
+def test_a_caller_is_checked_before_its_body(app, fake, path, body):
+    """Without a valid token nothing about the body is read or answered: 401, not 400 or 413."""
+    response = app.test_client().post(path, data=body, content_type="application/json")
+    assert response.status_code == 401
+    assert fake.received == []
+
+
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/models/openai/gpt-4o-mini"])
 def test_the_model_list_needs_a_valid_caller_too(cli, app, fake, path):
     client = app.test_client()
