@@ -37,7 +37,8 @@ worker_connections = _settings.worker_connections
 # then gives them 1 s), then writes its queued usage rows for up to 3 s (worker_exit); only then
 # may the master kill it. Heroku sends SIGKILL 30 s after SIGTERM: the default 20 + 6 fits.
 _CUT_OFF_DELAY = 3
-_EXIT_MARGIN = _CUT_OFF_DELAY + 3
+_FLUSH_TIME = 3
+_EXIT_MARGIN = _CUT_OFF_DELAY + _FLUSH_TIME
 graceful_timeout = round(_settings.graceful_timeout) + _EXIT_MARGIN
 # Streams are long-lived; a gevent worker keeps heartbeating while they run, so this only
 # catches a worker whose event loop is stuck.
@@ -58,7 +59,7 @@ def post_worker_init(worker):
 def worker_exit(server, worker):
     """Write the usage rows still queued before the worker goes (a deploy's SIGTERM)."""
     ledger = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("relay.ledger")
-    if ledger is not None and not ledger.flush(timeout=_EXIT_MARGIN - _CUT_OFF_DELAY):
+    if ledger is not None and not ledger.flush(timeout=_FLUSH_TIME):
         server.log.error("usage ledger: %d rows not written at worker exit", ledger.unwritten)
 
 

@@ -84,7 +84,8 @@ def event_stream_response(
     reader = HeartbeatReader(open_source, heartbeat_interval)
     batches = iter(reader)
     first = next(batches)  # raises what kept the stream from starting
-    first = None if first is HEARTBEAT else first[1:]  # without OPENED
+    if first is HEARTBEAT:  # still opening: the response starts now, heartbeats meanwhile
+        first = None
     response = Response(
         present_as_sse(batches, first), content_type="text/event-stream", headers=headers
     )

@@ -123,6 +123,7 @@ class UpstreamError(RelayError):
 
     status = 502
     kind = "upstream_error"
+    outcome = "upstream_error"  # how the usage ledger and the log line record the call
     message = "OpenRouter returned an error"
 
     def __init__(
@@ -150,6 +151,7 @@ class UpstreamUnreachable(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     kind = "timeout"
+    outcome = "timeout"
     message = "OpenRouter did not answer in time"
 
 

@@ -76,7 +76,7 @@ class ChatStream:
         if self.done:
             return "completed"
         if self.failure is not None and not self.abandoned:
-            return "timeout" if isinstance(self.failure, UpstreamTimeout) else "upstream_error"
+            return self.failure.outcome
         return "client_aborted"
 
     def _chunks(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
@@ -86,16 +86,7 @@ class ChatStream:
                     self.done = True
                     return
                 data = event.data
-                if (
-                    self._skimming
-                    and self.first_event_at is not None
-                    and data[:1] == "{"
-                    and data[-1:] == "}"
-                    and data.count("{") == data.count("}")  # cut short inside an object
-                    and '"choices"' in data
-                    and '"error"' not in data
-                    and '"usage"' not in data
-                ):
+                if self._skimming and self.first_event_at is not None and _plain_delta(data):
                     yield data, None
                 else:
                     yield data, self._interpret(data)
@@ -195,6 +186,19 @@ class ChatStream:
             self.first_event_at = time.monotonic()
             self.model_served = chunk.get("model")
         return chunk
+
+
+def _plain_delta(data: str) -> bool:
+    """Whether an event can be relayed unread: shaped like a chunk (an object whose braces
+    balance, naming choices) and naming neither an error nor usage."""
+    return (
+        data[:1] == "{"
+        and data[-1:] == "}"
+        and data.count("{") == data.count("}")
+        and '"choices"' in data
+        and '"error"' not in data
+        and '"usage"' not in data
+    )
 
 
 def _stream_error(error: Any) -> UpstreamError:

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 HEARTBEAT: Any = object()
-OPENED: Any = object()  # the first item of all: the source is open
 
 MAX_AHEAD = 32  # items the reader may hold before the consumer takes them: back-pressure
 
+_OPENED = object()
 _END = object()
 
 
@@ -30,8 +30,8 @@ class Source(Protocol):
 
 
 class HeartbeatReader:
-    """Iterating yields lists of what the source yielded meanwhile (the first one starting with
-    OPENED), and HEARTBEAT after `interval` seconds without any.
+    """Iterating yields lists of what the source yielded meanwhile, and HEARTBEAT after
+    `interval` seconds without any. The first list (possibly empty) comes once the source is open.
 
     `open_source` runs in the reader's thread, so the wait for it is covered by heartbeats too.
     Exceptions from opening or reading are re-raised by the iteration, after the items that came
@@ -75,7 +75,7 @@ class HeartbeatReader:
             if self._stopped:  # stop() came while it opened, and could not close it
                 source.close()
                 return
-            if self._hand_over(OPENED):
+            if self._hand_over(_OPENED):
                 for item in source:
                     if not self._hand_over(item):
                         return  # stop() has closed the source
@@ -84,24 +84,26 @@ class HeartbeatReader:
         self._hand_over(_END)
 
     def __iter__(self) -> Iterator[Any]:
-        changed, pending = self._changed, self._pending
+        changed = self._changed
         try:
             while True:
                 with changed:
-                    if not pending:
+                    if not self._pending:
                         changed.wait(self._interval)
-                    batch = pending[:]
-                    pending.clear()
+                    batch, self._pending = self._pending, []
                     changed.notify()
                 if not batch:
                     yield HEARTBEAT
                     continue
-                if batch[-1] is _END:
-                    if len(batch) > 1:
-                        yield batch[:-1]
+                opened = batch[0] is _OPENED
+                ended = batch[-1] is _END
+                if opened or ended:
+                    batch = batch[opened : len(batch) - ended]
+                if batch or opened:
+                    yield batch  # the first one, maybe empty, says the source is open
+                if ended:
                     if self._failure is not None:
                         raise self._failure
                     return
-                yield batch
         finally:
             self.stop()

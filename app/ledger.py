@@ -25,7 +25,7 @@ from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .database import usage
-from .errors import RelayError, UpstreamError, UpstreamTimeout
+from .errors import UpstreamError
 from .events import ChatStream
 from .metrics import LEDGER_DEPTH, LEDGER_DROPPED
 
@@ -85,8 +85,8 @@ class UsageRow:
         self.upstream_status = 200
         self.retries = retries
 
-    def take_failure(self, error: RelayError) -> None:
-        self.outcome = "timeout" if isinstance(error, UpstreamTimeout) else "upstream_error"
+    def take_failure(self, error: UpstreamError) -> None:
+        self.outcome = error.outcome
         self.upstream_status = error.status
         self.retries = getattr(error, "retries", 0)
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from .errors import ClientDisconnected, RelayError, StreamCutOff, error_kind
 from .events import ChatStream
-from .heartbeats import HEARTBEAT, OPENED
+from .heartbeats import HEARTBEAT
 
 log = logging.getLogger("relay")
 
@@ -77,12 +77,8 @@ def present_as_sse(batches: Iterator, first: list | None = None) -> Iterator[byt
         for batch in batches:
             if batch is HEARTBEAT:
                 yield b": keep-alive\n\n"
-                continue
-            if batch[0] is OPENED:
-                batch = batch[1:]
-                if not batch:
-                    continue
-            yield "".join([f"data: {data}\n\n" for data, _ in batch]).encode()
+            elif batch:
+                yield "".join([f"data: {data}\n\n" for data, _ in batch]).encode()
         yield b"data: [DONE]\n\n"
     except ClientDisconnected:
         return

@@ -43,7 +43,6 @@ def usage_rows(
 
 def caller_summary(engine: Engine, caller: str, since: datetime | None = None) -> dict[str, Any]:
     """One caller's totals: overall, by model and by outcome."""
-    since = as_utc(since) if since else None
     with engine.connect() as connection:
         overall = connection.execute(_filtered(select(*_TOTALS), since, caller)).one()
         by = {}
@@ -61,7 +60,7 @@ def caller_summary(engine: Engine, caller: str, since: datetime | None = None) -
     }
 
 
-def as_utc(moment: datetime) -> datetime:
+def _as_utc(moment: datetime) -> datetime:
     """`moment` in UTC; without a time zone it is taken to be UTC already."""
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
@@ -69,7 +68,7 @@ def as_utc(moment: datetime) -> datetime:
 def _filtered(query: Any, since: datetime | None, caller: str | None) -> Any:
     if since is not None:
         # Rows are stored in UTC, and SQLite keeps only their wall time: compare in UTC.
-        query = query.where(usage.c.at >= as_utc(since))
+        query = query.where(usage.c.at >= _as_utc(since))
     if caller is not None:
         query = query.where(usage.c.caller == caller)
     return query

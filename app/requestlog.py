@@ -20,7 +20,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from .errors import RelayError, UpstreamError, UpstreamTimeout
+from .errors import RelayError, UpstreamError
 from .ledger import UsageRow
 from .metrics import COST, REQUESTS, STREAM_DURATION, TIME_TO_FIRST_TOKEN, TOKENS
 
@@ -129,11 +129,7 @@ def finish(record: RequestRecord, status: int) -> None:
 
 def _failure_of(error: RelayError | None) -> str | None:
     """How OpenRouter failed a request outside any chat call (the model list), if it did."""
-    if isinstance(error, UpstreamTimeout):
-        return "timeout"
-    if isinstance(error, UpstreamError):
-        return "upstream_error"
-    return None
+    return error.outcome if isinstance(error, UpstreamError) else None
 
 
 def _outcome_without_row(record: RequestRecord, status: int) -> str | None:
