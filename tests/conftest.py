@@ -174,10 +174,19 @@ class RelayProcess:
         text = self.log_path.read_text(errors="replace")
         return text[: text.rfind("\n") + 1].splitlines()
 
-    def log(self) -> str:
-        """Everything the relay printed: the release's output, gunicorn's log, the relay's lines."""
-        return self.stderr_path.read_text(errors="replace") + self.log_path.read_text(
-            errors="replace"
+    def log(self, since: tuple[int, int] = (0, 0)) -> str:
+        """Everything the relay printed (the release's output, gunicorn's log, the relay's
+        lines), or only what came after `since`, a `log_mark()`."""
+        return (
+            self.stderr_path.read_text(errors="replace")[since[0] :]
+            + self.log_path.read_text(errors="replace")[since[1] :]
+        )
+
+    def log_mark(self) -> tuple[int, int]:
+        """Where each of the relay's two outputs ends now, for `log(since=...)`."""
+        return (
+            len(self.stderr_path.read_text(errors="replace")),
+            len(self.log_path.read_text(errors="replace")),
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from urllib.parse import urlsplit, urlunsplit
 
 
 class TcpProxy:
@@ -21,9 +22,9 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._silent = False
 
-    def up(self, silent: bool = False) -> TcpProxy:
-        """Accept connections and forward them, or (silent) hold them open and never answer."""
-        self._silent = silent
+    def up(self) -> TcpProxy:
+        """Accept connections and forward them."""
+        self._silent = False
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -31,6 +32,15 @@ class TcpProxy:
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
         return self
+
+    def in_front_of(self, url: str) -> str:
+        """`url` (a database's or Redis's) with its host and port replaced by this proxy's,
+        credentials and path kept."""
+        parts = urlsplit(url)
+        credentials, _, _ = parts.netloc.rpartition("@")
+        address = f"127.0.0.1:{self.port}"
+        netloc = f"{credentials}@{address}" if credentials else address
+        return urlunsplit(parts._replace(netloc=netloc))
 
     def silence(self) -> TcpProxy:
         """Hang: keep every connection open, old and new, but pass nothing on any more."""

@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -198,7 +198,7 @@ def test_since_with_an_offset_means_that_instant(app, token, fake, offset_hours)
     client = app.test_client()
     body = {"model": "openai/gpt-4o-mini", "messages": MESSAGES}
     assert client.post("/v1/chat/completions", json=body, headers=auth(token)).status_code == 200
-    rows(app)
+    assert app.extensions["relay.ledger"].flush(10)
     two_hours_ago = {
         "at": datetime.now(UTC) - timedelta(hours=2),
         "caller": "team-a",
@@ -288,10 +288,7 @@ def outage(request, tmp_path) -> Iterator[Outage]:
         pytest.skip("DATABASE_URL does not name a PostgreSQL database")
     real = urlsplit(os.environ["DATABASE_URL"])
     proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 5432)).up()
-    netloc = (
-        f"{real.username}@127.0.0.1:{proxy.port}" if real.username else f"127.0.0.1:{proxy.port}"
-    )
-    url = urlunsplit(real._replace(netloc=netloc))
+    url = proxy.in_front_of(os.environ["DATABASE_URL"])
     reset_postgres(url)
     migrate(url)
     try:

@@ -7,7 +7,7 @@ import json
 import os
 import re
 import time
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -177,6 +177,7 @@ def test_a_model_list_refresh_carries_the_request_id_and_its_failure_is_logged_a
     assert lines["models-1"]["status"] == 503
     assert lines["models-1"]["outcome"] == "upstream_error"
     assert lines["models-2"]["outcome"] is None
+    assert SERVER_KEY not in relay.log()  # the key the failed refresh was sent with
 
 
 def test_log_format_text_writes_plain_lines_with_the_requests_fields(start_relay, fake):
@@ -342,14 +343,6 @@ def test_readiness_needs_a_migrated_database(fake, tmp_path):
     assert not fake.received
 
 
-def through(proxy: TcpProxy, url: str) -> str:
-    """`url` with its host and port replaced by the proxy's, credentials kept."""
-    parts = urlsplit(url)
-    credentials, _, _ = parts.netloc.rpartition("@")
-    address = f"127.0.0.1:{proxy.port}"
-    return urlunsplit(parts._replace(netloc=f"{credentials}@{address}" if credentials else address))
-
-
 def test_readiness_flips_when_the_database_goes_away_and_comes_back(fake):
     storage_url = os.environ.get("DATABASE_URL", "")
     if not storage_url.startswith(("postgres://", "postgresql")):
@@ -358,7 +351,7 @@ def test_readiness_flips_when_the_database_goes_away_and_comes_back(fake):
     migrate(storage_url)
     database = urlsplit(storage_url)
     proxy = TcpProxy((database.hostname, database.port or 5432)).up()
-    client = create_app(env_for(fake, through(proxy, storage_url))).test_client()
+    client = create_app(env_for(fake, proxy.in_front_of(storage_url))).test_client()
     try:
         assert client.get("/readyz").status_code == 200
         proxy.down()
@@ -375,7 +368,7 @@ def test_readiness_flips_when_the_database_goes_away_and_comes_back(fake):
 def test_readiness_flips_when_redis_goes_away_and_comes_back(fake, database_url, redis_url):
     cache = urlsplit(redis_url)
     proxy = TcpProxy((cache.hostname, cache.port or 6379)).up()
-    env = {**env_for(fake, database_url), "REDIS_URL": through(proxy, redis_url)}
+    env = {**env_for(fake, database_url), "REDIS_URL": proxy.in_front_of(redis_url)}
     client = create_app(env).test_client()
     try:
         assert client.get("/readyz").get_json()["checks"]["redis"] == "ok"

@@ -308,29 +308,35 @@ def test_the_openapi_document_describes_both_surfaces_from_the_schemas(client):
 
 
 @pytest.mark.parametrize(
-    "part",
+    ("part", "valid"),
     [
-        {"type": "text", "text": "Hi"},
-        {"type": "text"},
-        {"type": "text", "text": 3},
-        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
-        {"type": "image_url", "image_url": "https://example.com/a.png"},
-        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
-        {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf,x"}},
-        {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}},
-        {"type": ""},
-        {"type": 7},
-        {"type": {"a": 1}},
-        {"text": "no type"},
-        "just text",
+        ({"type": "text", "text": "Hi"}, True),
+        ({"type": "text"}, False),
+        ({"type": "text", "text": 3}, False),
+        ({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, True),
+        ({"type": "image_url", "image_url": "https://example.com/a.png"}, False),
+        ({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}, True),
+        (
+            {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf,x"}},
+            True,
+        ),
+        ({"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}, True),
+        ({"type": ""}, False),
+        ({"type": 7}, False),
+        ({"type": {"a": 1}}, False),
+        ({"text": "no type"}, False),
+        ("just text", False),
     ],
-    ids=json.dumps,
+    ids=lambda value: json.dumps(value) if not isinstance(value, bool) else str(value),
 )
-def test_the_document_accepts_exactly_the_content_parts_validation_accepts(client, fake, part):
+def test_the_document_accepts_exactly_the_content_parts_validation_accepts(
+    client, fake, part, valid
+):
     components = client.get("/openapi.json").get_json()["components"]
     document = jsonschema_rs.Draft4Validator(
         {"$ref": "#/components/schemas/ChatCompletionRequest", "components": components}
     )
     body = request_body(messages=[{"role": "user", "content": [part]}])
     accepted = client.post(COMPLETIONS, json=body).status_code == 200
+    assert accepted == valid
     assert document.is_valid(body) == accepted

@@ -191,8 +191,7 @@ SLOTS = "relay:slots:team"
 
 HOLD_A_SLOT = """
 import sys, time, redis
-from app.ledger import UsageRow
-from app.shared_limits import RedisSlots, RedisSpend
+from app.shared_limits import RedisSlots
 slots = RedisSlots(redis.Redis.from_url(sys.argv[1]), ttl=1.5)
 assert slots.acquire("team", 1) is not None
 print("held", flush=True)
@@ -250,7 +249,7 @@ def test_redis_going_away_follows_limits_fail_open(profiles_env, redis_url, capl
     proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 6379)).up()
     env = {
         **profiles_env,
-        "REDIS_URL": f"redis://127.0.0.1:{proxy.port}{real.path}",
+        "REDIS_URL": proxy.in_front_of(redis_url),
         "LIMITS_FAIL_OPEN": str(fail_open).lower(),
     }
     app = create_app(env)
@@ -308,7 +307,6 @@ def test_a_body_the_server_closes_unread_still_ends_the_stream(app, fake, surfac
 
 def test_a_request_refused_by_one_limit_uses_up_none_of_the_other(app, fake):
     token = create_profile(app, "--rpm", "3", "--concurrency", "1")
-    fake.script("m/ok", Scenario(tokens=["a", "b", "c"]))
     client = app.test_client()
     with held_stream(client, token, fake) as held:
         assert held.status_code == 200
@@ -345,7 +343,6 @@ def refusal_message(response, surface: str) -> str:
 @pytest.mark.parametrize("limit", ["rpm", "concurrency"])
 def test_every_429_carries_retry_after_and_the_rate_limit_headers(app, fake, limit, surface):
     token = create_profile(app, f"--{limit}", "1")
-    fake.script("m/ok", Scenario(tokens=["a", "b", "c"]))
     client = app.test_client()
     with held_stream(client, token, fake) as held:
         assert held.status_code == 200
@@ -362,7 +359,7 @@ def test_every_429_carries_retry_after_and_the_rate_limit_headers(app, fake, lim
 
 def silent_redis_url() -> tuple[TcpProxy, str]:
     """A Redis that accepts connections and never answers (nothing behind it)."""
-    silent = TcpProxy(("127.0.0.1", 9)).up(silent=True)
+    silent = TcpProxy(("127.0.0.1", 9)).up().silence()
     return silent, f"redis://127.0.0.1:{silent.port}/0"
 
 
@@ -403,7 +400,7 @@ def test_a_redis_that_never_answers_follows_limits_fail_open_at_once(profiles_en
 def test_spend_added_while_redis_hung_is_reseeded_from_the_ledger_once_it_answers(redis_url):
     real = urlsplit(redis_url)
     proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 6379)).up()
-    client = redis.Redis.from_url(f"redis://127.0.0.1:{proxy.port}{real.path}", socket_timeout=0.5)
+    client = redis.Redis.from_url(proxy.in_front_of(redis_url), socket_timeout=0.5)
     ledger = {"team": 0.0, "other": 0.0}  # what the database holds this month
     spend = RedisSpend(client, ledger.__getitem__, backoff=1.0)
     try:
@@ -429,7 +426,6 @@ def test_default_concurrency_applies_to_profiles_without_a_limit_of_their_own(pr
     app = create_app({**profiles_env, "DEFAULT_CONCURRENCY": "1"})
     team = create_profile(app)
     wide = create_profile(app, "--concurrency", "2", name="wide")
-    fake.script("m/ok", Scenario(tokens=["a", "b", "c"]))
     client = app.test_client()
     with contextlib.ExitStack() as streams:
         held = [streams.enter_context(held_stream(client, team, fake))]
@@ -459,13 +455,10 @@ def test_redis_spend_is_seeded_from_this_months_ledger(profiles_env, redis_url, 
     assert len(fake.received) == 1
 
 
-def test_serving_without_limits_is_counted_in_the_metrics(fake, tmp_path):
+def test_serving_without_limits_is_counted_in_the_metrics(start_relay):
     silent, url = silent_redis_url()
-    database = sqlite_url(tmp_path)
-    migrate(database)
-    env = {**env_for(fake, database), "REDIS_URL": url, "DEFAULT_RPM": "5"}
-    relay = RelayProcess(env, tmp_path / "relay.log").start()
     try:
+        relay = start_relay(REDIS_URL=url, DEFAULT_RPM="5")
         assert metric(requests.get(relay.url + "/metrics", timeout=10).text, FAILED_OPEN) == 0
         for _ in range(2):
             body = {"model": "m/ok", "messages": MESSAGES}
@@ -476,7 +469,6 @@ def test_serving_without_limits_is_counted_in_the_metrics(fake, tmp_path):
         assert metric(requests.get(relay.url + "/metrics", timeout=10).text, FAILED_OPEN) == 2
         assert "serving without them" in relay.log()
     finally:
-        relay.stop()
         silent.down()
 
 

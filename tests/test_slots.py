@@ -10,20 +10,27 @@ import uuid
 import pytest
 import requests
 
-from tests.conftest import RelayProcess, env_for, migrate, own_redis_url, sqlite_url
+from tests.conftest import RelayProcess, own_redis_url
 from tests.fake_openrouter import Scenario
-from tests.test_faults import SSE, TEXT, payload
+from tests.test_faults import (
+    AFTER_FIRST_BYTE,
+    BEFORE_FIRST_BYTE,
+    READ_TIMEOUT,
+    SSE,
+    TEXT,
+    payload,
+    relay_for_the_module,
+)
 
-READ_TIMEOUT = 1.0
 LONG = Scenario(tokens=["w "] * 1000, interval=0.02)
 
 ENDINGS = {
     "finished": Scenario(tokens=["a", "b", "c"]),
-    "upstream-error-status": Scenario(status=503, error_message="No provider"),
-    "cut-mid-stream": Scenario(tokens=["a", "b", "c"], drop_after=2),
-    "error-event": Scenario(tokens=["a", "b", "c"], error_after=2),
-    "stall": Scenario(tokens=["a", "b", "c"], stall_after=2),
-    "no-done": Scenario(tokens=["a", "b"], send_done=False),
+    "upstream-error-status": BEFORE_FIRST_BYTE["upstream-503"][0],
+    **{
+        name: AFTER_FIRST_BYTE[name]
+        for name in ("drop-mid-stream", "error-event", "stall", "no-done")
+    },
     "client-abort": LONG,
 }
 STILL_RUNNING_AFTER_THE_FIRST_PIECE = {"stall", "client-abort"}
@@ -32,19 +39,18 @@ STILL_RUNNING_AFTER_THE_FIRST_PIECE = {"stall", "client-abort"}
 @pytest.fixture(scope="module", params=["in-process", "redis"])
 def one_slot_relay(request, fake_server, tmp_path_factory):
     """A relay whose callers get one concurrent stream each."""
-    folder = tmp_path_factory.mktemp(request.param)
-    database = sqlite_url(folder)
-    migrate(database)
-    env = {
-        **env_for(fake_server, database),
-        "DEFAULT_CONCURRENCY": "1",
-        "UPSTREAM_READ_TIMEOUT": str(READ_TIMEOUT),
-    }
+    shared = {}
     if request.param == "redis":
-        env["REDIS_URL"] = own_redis_url() or pytest.skip("REDIS_URL does not name a Redis server")
-    relay = RelayProcess(env, folder / "gunicorn.log")
-    yield relay.start()
-    relay.stop()
+        shared["REDIS_URL"] = own_redis_url() or pytest.skip(
+            "REDIS_URL does not name a Redis server"
+        )
+    yield from relay_for_the_module(
+        fake_server,
+        tmp_path_factory,
+        DEFAULT_CONCURRENCY="1",
+        UPSTREAM_READ_TIMEOUT=str(READ_TIMEOUT),
+        **shared,
+    )
 
 
 @pytest.fixture
