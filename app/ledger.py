@@ -32,6 +32,10 @@ from .metrics import LEDGER_DEPTH, LEDGER_DROPPED
 log = logging.getLogger("relay")
 
 _BATCH = 500
+# How long the writer waits for more rows once one is queued: one transaction per batch instead
+# of one per request. A commit costs about as much CPU as relaying a whole short answer, and
+# SQLite's run on the worker's event loop.
+_LINGER = 0.25
 _INTEGER_MAX = 2**31 - 1  # PostgreSQL's INTEGER, the narrowest of the databases
 # Errors that say the database cannot be used now, rather than that a row cannot be written.
 _DATABASE_AWAY = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout, OSError)
@@ -64,9 +68,9 @@ class UsageRow:
             return
         for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
             if isinstance(usage_report.get(name), int):
-                setattr(self, name, _fit(usage.c[name], usage_report[name]))
+                setattr(self, name, _FITS[name](usage_report[name]))
         if isinstance(usage_report.get("cost"), int | float):
-            self.cost = _fit(usage.c.cost, usage_report["cost"])
+            self.cost = _FITS["cost"](usage_report["cost"])
 
     def take_stream(self, stream: ChatStream) -> None:
         self.generation_id = stream.generation_id
@@ -92,31 +96,51 @@ class UsageRow:
 
     def finish(self) -> dict[str, Any]:
         self.duration_ms = round((time.monotonic() - self.started) * 1000, 1)
-        return {name: _fit(usage.c[name], getattr(self, name)) for name in _COLUMNS}
+        return {name: fit(getattr(self, name)) for name, fit in _FITS.items()}
 
 
-_COLUMNS = tuple(spec.name for spec in fields(UsageRow) if spec.name != "started")
-
-
-def _fit(column: Column, value: Any) -> Any:
-    """`value` as `column` can hold it: text cut to the column's length (no NUL, no lone
-    surrogate), integers held to INTEGER's range, numbers that are not finite dropped, a value of
-    the wrong type dropped. What OpenRouter or a caller sent must not make the row unwritable."""
+def _fit_for(column: Column) -> Callable[[Any], Any]:
+    """A function giving a value as `column` can hold it: text cut to the column's length (no
+    NUL, no lone surrogate), integers held to INTEGER's range, numbers that are not finite
+    dropped, a value of the wrong type dropped. What OpenRouter or a caller sent must not make
+    the row unwritable."""
     kind = column.type
-    if value is None or not isinstance(kind, String | Integer | Float):
-        return value
     if isinstance(kind, String):
-        if not isinstance(value, str):
-            return None
-        text = value.replace("\x00", "").encode("utf-8", "replace").decode()
-        return text[: kind.length] if kind.length else text
+        length = kind.length
+
+        def fit_text(value: Any) -> str | None:
+            if not isinstance(value, str):
+                return None
+            text = value.replace("\x00", "").encode("utf-8", "replace").decode()
+            return text[:length] if length else text
+
+        return fit_text
     if isinstance(kind, Integer):
-        return max(-_INTEGER_MAX - 1, min(_INTEGER_MAX, value)) if isinstance(value, int) else None
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return number if math.isfinite(number) else None
+
+        def fit_integer(value: Any) -> int | None:
+            if not isinstance(value, int):
+                return None
+            return max(-_INTEGER_MAX - 1, min(_INTEGER_MAX, value))
+
+        return fit_integer
+    if isinstance(kind, Float):
+
+        def fit_number(value: Any) -> float | None:
+            if value is None:
+                return None
+            try:
+                number = float(value)
+            except (TypeError, ValueError, OverflowError):
+                return None
+            return number if math.isfinite(number) else None
+
+        return fit_number
+    return lambda value: value
+
+
+_FITS = {
+    spec.name: _fit_for(usage.c[spec.name]) for spec in fields(UsageRow) if spec.name != "started"
+}
 
 
 def _database_away(error: Exception) -> bool:
@@ -233,10 +257,12 @@ class Ledger:
             failures = 0
 
     def _next_batch(self) -> list[dict[str, Any]]:
+        """The rows queued by _LINGER after the first (at most _BATCH), or none for a second."""
         try:
             batch = [self._queue.get(timeout=1.0)]
         except Empty:
             return []
+        time.sleep(_LINGER)  # meanwhile new rows wait in the queue, within its bound
         while len(batch) < _BATCH:
             try:
                 batch.append(self._queue.get_nowait())
