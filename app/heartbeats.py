@@ -12,6 +12,7 @@ from __future__ import annotations
 import _thread
 import contextvars
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -37,14 +38,19 @@ class HeartbeatReader:
     Exceptions from opening or reading are re-raised by the iteration, after the items that came
     before them. `stop()` (or closing the iteration) closes the source, from whichever thread
     calls it: `Source.close` must be safe from any thread and unblock a read in progress.
+
+    The hand-over is a deque (appends and pops are atomic) and two events, not a Condition: the
+    reader wakes the consumer once per upstream chunk, and under gevent a Condition's locks cost
+    more than the rest of relaying that chunk.
     """
 
     def __init__(self, open_source: Callable[[], Source], interval: float) -> None:
         self._open_source: Callable[[], Source] | None = open_source
         self._source: Source | None = None
         self._interval = interval
-        self._pending: list[Any] = []
-        self._changed = threading.Condition()
+        self._pending: deque[Any] = deque()
+        self._arrived = threading.Event()  # set after each item handed over
+        self._taken = threading.Event()  # set when a full queue was emptied
         self._stopped = False
         self._failure: BaseException | None = None
         # The reader runs in a copy of this context, so that it sees the request (and what it
@@ -53,19 +59,20 @@ class HeartbeatReader:
         _thread.start_new_thread(contextvars.copy_context().run, (self._read,))
 
     def stop(self) -> None:
-        with self._changed:
-            self._stopped = True
-            self._changed.notify()
+        self._stopped = True
+        self._taken.set()  # a reader held back by a full queue sees the stop
         if self._source is not None:
             self._source.close()
 
     def _hand_over(self, item: Any) -> bool:
-        with self._changed:
-            while len(self._pending) >= MAX_AHEAD and not self._stopped:
-                self._changed.wait(0.5)
-            self._pending.append(item)
-            self._changed.notify()
-            return not self._stopped
+        pending = self._pending
+        while len(pending) >= MAX_AHEAD and not self._stopped:
+            self._taken.clear()
+            if len(pending) >= MAX_AHEAD and not self._stopped:  # not emptied meanwhile
+                self._taken.wait(0.5)
+        pending.append(item)
+        self._arrived.set()
+        return not self._stopped
 
     def _read(self) -> None:
         try:
@@ -83,17 +90,25 @@ class HeartbeatReader:
             self._failure = error
         self._hand_over(_END)
 
+    def _take(self) -> list[Any]:
+        """Everything handed over so far. The event is cleared first: an item handed over
+        after it is either taken now or sets it again."""
+        self._arrived.clear()
+        pending = self._pending
+        batch = [pending.popleft() for _ in range(len(pending))]
+        if len(batch) >= MAX_AHEAD:
+            self._taken.set()
+        return batch
+
     def __iter__(self) -> Iterator[Any]:
-        changed = self._changed
+        arrived = self._arrived
         try:
             while True:
-                with changed:
-                    if not self._pending:
-                        changed.wait(self._interval)
-                    batch, self._pending = self._pending, []
-                    changed.notify()
-                if not batch:
+                if not self._pending and not arrived.wait(self._interval):
                     yield HEARTBEAT
+                    continue
+                batch = self._take()
+                if not batch:  # set for items an earlier batch took
                     continue
                 opened = batch[0] is _OPENED
                 ended = batch[-1] is _END

@@ -1,0 +1,79 @@
+"""The heartbeat reader's hand-over between its reading thread and the consumer, with real
+threads (the end-to-end tests cover it under gevent, behind gunicorn)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from app.heartbeats import HEARTBEAT, MAX_AHEAD, HeartbeatReader
+
+
+class Items:
+    """A source yielding `items`, pausing `pause` seconds before those at `slow_at`."""
+
+    def __init__(self, items: list, slow_at: tuple[int, ...] = (), pause: float = 0.0) -> None:
+        self.items = items
+        self.slow_at = slow_at
+        self.pause = pause
+        self.closed = False
+        self.yielded = 0
+
+    def __iter__(self) -> Iterator:
+        for index, item in enumerate(self.items):
+            if index in self.slow_at:
+                time.sleep(self.pause)
+            if isinstance(item, BaseException):
+                raise item
+            self.yielded += 1
+            yield item
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_fast_source_reaches_a_slow_consumer_whole_in_order_and_held_back():
+    source = Items(list(range(3000)))
+    batches = []
+    for batch in HeartbeatReader(lambda: source, interval=5):
+        assert batch is not HEARTBEAT
+        batches.append(batch)
+        time.sleep(0.001)  # the reader runs ahead until the queue is full, then waits
+    assert [item for batch in batches for item in batch] == list(range(3000))
+    assert max(len(batch) for batch in batches) <= MAX_AHEAD
+    assert len(batches) < 3000  # items that arrived meanwhile leave together
+    assert source.closed
+
+
+def test_heartbeats_come_while_the_source_is_silent_and_stop_when_it_speaks():
+    source = Items(["first", "second"], slow_at=(1,), pause=0.5)
+    seen = list(HeartbeatReader(lambda: source, interval=0.1))
+    assert seen[0] == [] or seen[0] == ["first"]  # the source is open (and maybe read)
+    flat = [item for item in seen if item is not HEARTBEAT]
+    assert [item for batch in flat for item in batch] == ["first", "second"]
+    assert seen.count(HEARTBEAT) >= 3
+    assert seen[-1] == ["second"]
+
+
+def test_a_failure_is_raised_after_the_items_before_it():
+    source = Items(["a", "b", RuntimeError("cut off")])
+    received = []
+    with pytest.raises(RuntimeError, match="cut off"):
+        for batch in HeartbeatReader(lambda: source, interval=5):
+            received.extend(batch)
+    assert received == ["a", "b"]
+
+
+def test_stopping_closes_the_source_and_the_reader_held_back_reads_no_more():
+    source = Items(list(range(10 * MAX_AHEAD)))
+    batches = iter(HeartbeatReader(lambda: source, interval=5))
+    first = next(batches)
+    time.sleep(0.2)  # the reader fills the queue and waits for it to be taken
+    held = source.yielded
+    assert held <= len(first) + MAX_AHEAD + 1  # what it took, a full queue, the one in hand
+    batches.close()
+    time.sleep(0.2)
+    assert source.closed
+    assert source.yielded <= held + 1  # the item it held is handed over, and nothing after
