@@ -45,6 +45,9 @@ class ChatStream:
         self.model_served: str | None = None
         self.first_event_at: float | None = None
         self.retries: int = getattr(response, "relay_retries", 0)
+        self.waiting_since: float | None = None  # when the read in progress began, if one is
+        self.stalled = False
+        self._read_timeout: float | None = None
         self._on_close: list[Callable[[], None]] = []
         self._skimming = False
 
@@ -93,16 +96,34 @@ class ChatStream:
         except UnicodeDecodeError:
             raise _protocol_error("an event that is not valid UTF-8") from None
         except (ReadTimeoutError, TimeoutError):
-            log.warning("upstream went silent for longer than the read timeout")
-            raise UpstreamTimeout("OpenRouter went silent for too long") from None
+            raise _stall() from None
         except (TransportError, HTTPException, OSError) as error:
+            if self.stalled:
+                raise _stall() from None
             log.warning("upstream connection dropped mid-stream: %s", type(error).__name__)
             raise UpstreamProtocolError("OpenRouter's stream was cut off") from None
+        if self.stalled:
+            raise _stall()
         raise _protocol_error("an end without [DONE]", "OpenRouter's stream was cut off")
 
     def on_close(self, callback: Callable[[], None]) -> None:
         """Have `callback` called when the stream is closed."""
         self._on_close.append(callback)
+
+    def read_without_timeout(self) -> None:
+        """Let reads wait as long as it takes: a StallWatch notices silence instead."""
+        connection = getattr(self._response.raw, "_connection", None)
+        if getattr(connection, "sock", None) is not None:
+            self._read_timeout = connection.sock.gettimeout()
+            connection.sock.settimeout(None)
+
+    def stall(self) -> None:
+        """OpenRouter sent nothing for too long: the read in progress ends, and the stream with
+        UpstreamTimeout. From any thread or greenlet."""
+        if not self.done and not self.closed:
+            self.stalled = True
+            with contextlib.suppress(ValueError, RuntimeError, OSError):
+                self._response.raw.shutdown()  # wakes the read
 
     def abandon(self) -> None:
         """The client went away: close the upstream now, from any thread or greenlet."""
@@ -134,6 +155,9 @@ class ChatStream:
     def _release(self) -> None:
         raw = self._response.raw
         if self.done and raw.connection is not None:
+            sock = getattr(raw.connection, "sock", None)
+            if sock is not None and self._read_timeout is not None:  # not forever
+                sock.settimeout(self._read_timeout)
             raw.drain_conn()  # the chunked terminator, normally already buffered
             raw.release_conn()
             return
@@ -159,7 +183,13 @@ class ChatStream:
         body = getattr(raw, "_fp", None)
         read = body.read1 if isinstance(body, HTTPResponse) else raw.read1
         unterminated = 0  # bytes since the last event boundary: an event may not grow forever
-        while data := read(_READ_SIZE):
+        now = time.monotonic
+        while True:
+            self.waiting_since = now()
+            data = read(_READ_SIZE)
+            self.waiting_since = None
+            if not data:
+                return
             boundary = data.rfind(b"\n\n")
             unterminated = len(data) - boundary - 2 if boundary >= 0 else unterminated + len(data)
             if unterminated > MAX_EVENT_BYTES:
@@ -199,6 +229,11 @@ def _plain_delta(data: str) -> bool:
         and '"error"' not in data
         and '"usage"' not in data
     )
+
+
+def _stall() -> UpstreamTimeout:
+    log.warning("upstream went silent for longer than the read timeout")
+    return UpstreamTimeout("OpenRouter went silent for too long")
 
 
 def _stream_error(error: Any) -> UpstreamError:

@@ -19,6 +19,7 @@ from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, Upstr
 from .events import ChatStream
 from .metrics import UPSTREAM_RETRIES, count_upstream_error
 from .retries import RetryPolicy
+from .stalls import StallWatch
 
 log = logging.getLogger("relay")
 
@@ -41,6 +42,7 @@ class OpenRouter:
         self.session.headers.update(_attribution_headers(settings))
         self.session.headers["Accept-Encoding"] = "identity"
         self._templates: dict[tuple[str, str], requests.PreparedRequest] = {}
+        self.stalls = StallWatch(settings.upstream_read_timeout)
         self.retry_policy = RetryPolicy(
             settings.upstream_retries, settings.upstream_retry_backoff, settings.retry_after_max
         )
@@ -58,7 +60,9 @@ class OpenRouter:
                 f"OpenRouter answered with {content_type or 'no content type'} "
                 "instead of an event stream"
             )
-        return ChatStream(response)
+        stream = ChatStream(response)
+        self.stalls.watch(stream)
+        return stream
 
     def complete_chat(
         self, payload: dict[str, Any], key: str, request_id: str | None = None

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 
 import pytest
 
@@ -241,6 +242,18 @@ def test_an_upstream_slower_than_the_read_timeout_is_a_504(relay_env, fake):
     response = post(client, chatbot_body("m/slow"))
     assert response.status_code == 504
     assert response.get_json() == {"message": "OpenRouter did not answer in time"}
+
+
+def test_a_client_slower_than_the_read_timeout_still_gets_the_whole_answer(relay_env, fake):
+    """Only a read waiting on OpenRouter can time out, not a stream the client holds back."""
+    client = create_app({**relay_env, "UPSTREAM_READ_TIMEOUT": "0.4"}).test_client()
+    tokens = [f" {n}" for n in range(12)]  # 0.2 s apart: the answer takes 2.4 s
+    fake.script("m/long", Scenario(tokens=tokens, interval=0.2))
+    response = post(client, chatbot_body("m/long"), buffered=False)
+    pieces = iter(response.response)
+    first = next(pieces)
+    time.sleep(1.2)  # the relay reads nothing meanwhile: the client has not asked for more
+    assert (first + b"".join(pieces)).decode() == "".join(tokens).lstrip()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,57 @@
+"""Noticing that OpenRouter went silent mid-stream, for every open stream at once.
+
+A socket timeout would do it on each read, but under gevent every read that waits with a
+timeout arms and cancels a timer of its own: once per relayed chunk, a tenth of the chunk's
+cost. Instead an open stream's socket waits without a timeout, and one sweeper per process looks
+at how long each has been waiting in a read (not since its last one: a stream held back by a slow
+client is not silent). A stall is noticed between `timeout` and a quarter of it (at most a
+second) later.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .events import ChatStream
+
+
+class StallWatch:
+    """Stalls every watched stream that has waited `timeout` seconds in one read."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.period = min(1.0, timeout / 4)
+        self._streams: set[ChatStream] = set()
+        self._sweeper: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def watch(self, stream: ChatStream) -> None:
+        """Watch `stream` until it closes; its reads no longer time out on their own."""
+        stream.read_without_timeout()
+        self._streams.add(stream)
+        stream.on_close(lambda: self._streams.discard(stream))
+        if self._sweeper is None:
+            self._start_sweeper()
+
+    def _start_sweeper(self) -> None:
+        # Started by the first stream, in the worker: a thread made before gunicorn forks (or
+        # before gevent patches threading) would not be the worker's.
+        with self._start_lock:
+            if self._sweeper is None:
+                self._sweeper = threading.Thread(
+                    target=self._sweep_forever, name="stall-watch", daemon=True
+                )
+                self._sweeper.start()
+
+    def _sweep_forever(self) -> None:
+        while True:
+            time.sleep(self.period)
+            silent_since = time.monotonic() - self.timeout
+            for stream in list(self._streams):
+                waiting_since = stream.waiting_since
+                if waiting_since is not None and waiting_since < silent_since:
+                    self._streams.discard(stream)
+                    stream.stall()
