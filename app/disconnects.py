@@ -26,14 +26,31 @@ def watch_for_disconnect(
 
     Works where the server hands over the client socket (gunicorn's `gunicorn.socket`) and gevent
     runs the process; elsewhere it does nothing and a gone client is noticed at the next write.
+    The watch is a bare event-loop watcher, not a greenlet of its own: a greenlet is started
+    only in the rare case that the client's socket becomes readable mid-response.
     """
     client = environ.get("gunicorn.socket")
     if client is None or not _gevent_is_running():
         return _keep_going
-    from gevent import spawn
+    from gevent import get_hub, spawn
 
-    watcher = spawn(_wait_until_closed, client, on_disconnect)
-    return lambda: watcher.kill(block=False)
+    watcher = get_hub().loop.io(client.fileno(), _READABLE)
+    checks = []
+
+    def readable() -> None:
+        watcher.stop()  # one look tells all this watch can tell
+        checks.append(spawn(_check, client, on_disconnect))  # a callback must not block
+
+    def stop() -> None:
+        watcher.close()
+        for check in checks:
+            check.kill(block=False)
+
+    watcher.start(readable)
+    return stop
+
+
+_READABLE = 1  # libev's EV_READ
 
 
 @functools.cache
@@ -46,13 +63,10 @@ def _gevent_is_running() -> bool:
     return monkey.is_module_patched("socket")
 
 
-def _wait_until_closed(client: socket.socket, on_disconnect: Callable[[], None]) -> None:
-    from gevent.socket import wait_read
-
+def _check(client: socket.socket, on_disconnect: Callable[[], None]) -> None:
     try:
-        wait_read(client.fileno())
         # Readable with nothing to read is the client's FIN. Bytes mean a pipelined request:
-        # the client is still there, and this watcher can tell no more.
+        # the client is still there, and this watch can tell no more.
         gone = client.recv(1, socket.MSG_PEEK) == b""
     except OSError:
         gone = True
