@@ -21,6 +21,9 @@ from .metrics import count_upstream_error
 log = logging.getLogger("relay")
 
 _READ_SIZE = 64 * 1024
+# A stream whose reads never wait (OpenRouter sending faster than the client takes it) would
+# otherwise hold the worker until its answer ends, and new requests' first tokens wait for it.
+_READS_PER_TURN = 32
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 
 
@@ -184,6 +187,7 @@ class ChatStream:
         read = body.read1 if isinstance(body, HTTPResponse) else raw.read1
         unterminated = 0  # bytes since the last event boundary: an event may not grow forever
         now = time.monotonic
+        reads = 0
         while True:
             self.waiting_since = now()
             data = read(_READ_SIZE)
@@ -195,6 +199,9 @@ class ChatStream:
             if unterminated > MAX_EVENT_BYTES:
                 raise _protocol_error(f"an event larger than {MAX_EVENT_BYTES} bytes")
             yield data
+            reads += 1
+            if not reads % _READS_PER_TURN:
+                time.sleep(0)  # under gevent: let the worker's other requests run
 
     def _interpret(self, data: str) -> dict[str, Any]:
         try:
