@@ -50,7 +50,8 @@ class HeartbeatReader:
         self._interval = interval
         self._pending: deque[Any] = deque()
         self._arrived = threading.Event()  # set after each item handed over
-        self._taken = threading.Event()  # set when a full queue was emptied
+        self._taken = threading.Event()  # set when the queue was emptied for a held reader
+        self._held = False  # the reader waits for the queue to be emptied
         self._stopped = False
         self._failure: BaseException | None = None
         # The reader runs in a copy of this context, so that it sees the request (and what it
@@ -68,8 +69,10 @@ class HeartbeatReader:
         pending = self._pending
         while len(pending) >= MAX_AHEAD and not self._stopped:
             self._taken.clear()
+            self._held = True  # before looking again: a batch taken after this look sees it
             if len(pending) >= MAX_AHEAD and not self._stopped:  # not emptied meanwhile
                 self._taken.wait(0.5)
+            self._held = False
         pending.append(item)
         self._arrived.set()
         return not self._stopped
@@ -96,7 +99,7 @@ class HeartbeatReader:
         self._arrived.clear()
         pending = self._pending
         batch = [pending.popleft() for _ in range(len(pending))]
-        if len(batch) >= MAX_AHEAD:
+        if self._held:
             self._taken.set()
         return batch
 

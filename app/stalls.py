@@ -1,21 +1,23 @@
 """Noticing that OpenRouter went silent mid-stream, for every open stream at once.
 
 A socket timeout would do it on each read, but under gevent every read that waits with a
-timeout arms and cancels a timer of its own: once per relayed chunk, a tenth of the chunk's
-cost. Instead an open stream's socket waits without a timeout, and one sweeper per process looks
-at how long each has been waiting in a read (not since its last one: a stream held back by a slow
-client is not silent). A stall is noticed between `timeout` and a quarter of it (at most a
-second) later.
+timeout arms and cancels a timer of its own, once per relayed chunk. Instead an open stream's
+socket waits without a timeout, and one sweeper per process looks at how long each has been
+waiting in a read (not since its last one: a stream held back by a slow client is not silent).
+A stall is noticed between `timeout` and a quarter of it (at most a second) later.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .events import ChatStream
+
+log = logging.getLogger("relay")
 
 
 class StallWatch:
@@ -54,4 +56,7 @@ class StallWatch:
                 waiting_since = stream.waiting_since
                 if waiting_since is not None and waiting_since < silent_since:
                     self._streams.discard(stream)
-                    stream.stall()
+                    try:
+                        stream.stall()
+                    except Exception:  # the sweeper is all that ends a silent stream: it goes on
+                        log.exception("could not end a stalled stream")
