@@ -24,6 +24,7 @@ from sqlalchemy import Column, Engine, Float, Integer, String
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from .background import LazyThread
 from .database import usage
 from .errors import UpstreamError
 from .events import ChatStream
@@ -34,7 +35,7 @@ log = logging.getLogger("relay")
 _BATCH = 500
 # How long the writer waits for more rows once one is queued: one transaction per batch instead
 # of one per request. A commit costs about as much CPU as relaying a whole short answer, and
-# SQLite's run on the worker's event loop.
+# SQLite's commits run on the worker's event loop.
 _LINGER = 0.25
 _INTEGER_MAX = 2**31 - 1  # PostgreSQL's INTEGER, the narrowest of the databases
 # Errors that say the database cannot be used now, rather than that a row cannot be written.
@@ -160,8 +161,7 @@ class Ledger:
         self.dropped = 0
         self.written = 0
         self._queue: Queue = Queue(maxsize=max_queued)
-        self._writer: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._writer = LazyThread(self._write_forever, "usage-ledger")
         self._counts = threading.Lock()
         self._pending = 0
         # Called with each row once it is written (the quotas add its cost to the spend).
@@ -193,7 +193,7 @@ class Ledger:
                 self.dropped,
             )
         LEDGER_DEPTH.set(self.depth)
-        self._ensure_writer()
+        self._writer.ensure_started()
 
     @contextmanager
     def recording_failures(self, row: UsageRow) -> Iterator[None]:
@@ -220,15 +220,6 @@ class Ledger:
         while self._pending and time.monotonic() < deadline:
             time.sleep(0.01)
         return not self._pending
-
-    def _ensure_writer(self) -> None:
-        if self._writer is None:
-            with self._start_lock:
-                if self._writer is None:
-                    self._writer = threading.Thread(
-                        target=self._write_forever, name="usage-ledger", daemon=True
-                    )
-                    self._writer.start()
 
     def _write_forever(self) -> None:
         """The writer's loop: whatever a row or the database does, it goes on."""

@@ -10,9 +10,10 @@ A stall is noticed between `timeout` and a quarter of it (at most a second) late
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import TYPE_CHECKING
+
+from .background import LazyThread
 
 if TYPE_CHECKING:
     from .events import ChatStream
@@ -27,26 +28,14 @@ class StallWatch:
         self.timeout = timeout
         self.period = min(1.0, timeout / 4)
         self._streams: set[ChatStream] = set()
-        self._sweeper: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._sweeper = LazyThread(self._sweep_forever, "stall-watch")
 
     def watch(self, stream: ChatStream) -> None:
         """Watch `stream` until it closes; its reads no longer time out on their own."""
         stream.read_without_timeout()
         self._streams.add(stream)
         stream.on_close(lambda: self._streams.discard(stream))
-        if self._sweeper is None:
-            self._start_sweeper()
-
-    def _start_sweeper(self) -> None:
-        # Started by the first stream, in the worker: a thread made before gunicorn forks (or
-        # before gevent patches threading) would not be the worker's.
-        with self._start_lock:
-            if self._sweeper is None:
-                self._sweeper = threading.Thread(
-                    target=self._sweep_forever, name="stall-watch", daemon=True
-                )
-                self._sweeper.start()
+        self._sweeper.ensure_started()
 
     def _sweep_forever(self) -> None:
         while True:
