@@ -11,13 +11,13 @@ import time
 from typing import Any
 
 import requests
-from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
 
 from .config import Settings
 from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from .events import ChatStream
 from .metrics import UPSTREAM_RETRIES, count_upstream_error
+from .pooling import PooledAdapter
 from .retries import RetryPolicy
 from .stalls import StallWatch
 
@@ -36,7 +36,7 @@ class OpenRouter:
         # Proxies are read from the environment once, here, instead of on every request.
         self.session.trust_env = False
         self.session.proxies.update(requests.utils.get_environ_proxies(self.base_url))
-        self._adapter = HTTPAdapter(pool_connections=1, pool_maxsize=settings.worker_connections)
+        self._adapter = PooledAdapter(pool_connections=1, pool_maxsize=settings.worker_connections)
         self.session.mount("http://", self._adapter)
         self.session.mount("https://", self._adapter)
         self.session.headers.update(_attribution_headers(settings))

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RelayProcess, env_for, sqlite_url
 from tests.fake_openrouter import Scenario
+from tests.tcp_proxy import TcpProxy
 from tests.test_end_to_end import start_raw_stream
 
 TEXT = "/api/chat/openrouter"
@@ -343,6 +344,26 @@ def test_upstream_connections_are_reused_across_requests(faulty_relay, fake):
         ).ok
     assert requests.post(faulty_relay.url + SSE, json={**payload(SSE, "m/ok"), "stream": False}).ok
     assert fake.connections == 1
+
+
+def test_a_pooled_connection_the_upstream_closed_is_not_reused(start_relay, fake):
+    """With no retry to hide it, a request sent on a connection OpenRouter had closed would fail:
+    the pool must notice the close before it reuses the connection."""
+    fake.script("m/ok", Scenario(tokens=["fine"]))
+    proxy = TcpProxy(("127.0.0.1", fake.port)).up()
+    try:
+        relay = start_relay(
+            UPSTREAM_RETRIES="0", OPENROUTER_BASE_URL=proxy.in_front_of(fake.base_url)
+        )
+        for surface in (TEXT, SSE):
+            assert chat(relay, surface, "m/ok").ok
+            proxy.down()  # closes the connection idle in the relay's pool
+            proxy.up()
+            answer = chat(relay, surface, "m/ok")
+            assert answer.status_code == 200, answer.text
+        assert fake.connections == 3  # the first, then a new one after each cut
+    finally:
+        proxy.down()
 
 
 def test_the_pool_keeps_a_connection_per_concurrent_stream(faulty_relay, fake):

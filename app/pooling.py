@@ -1,0 +1,56 @@
+"""The upstream connection pool: requests' and urllib3's, minus a trip round the event loop.
+
+Before it reuses a pooled connection, urllib3 asks whether the connection has become readable
+(OpenRouter closed it) with `select.poll` and a timeout of 0. Under gevent that poll is gevent's,
+which parks the request's greenlet and goes once round the worker's event loop: every other
+stream's pending work runs first, on the path to this request's first token. The operating
+system's poll answers the same question at once.
+"""
+
+from __future__ import annotations
+
+import select
+
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+try:
+    from gevent.monkey import get_original
+
+    _poll = get_original("select", "poll")
+except ImportError:  # pragma: no cover - gevent is a dependency
+    _poll = select.poll
+
+
+def _is_connected(connection: HTTPConnection) -> bool:
+    """Whether a pooled connection is still open: connected, and nothing (EOF) to read."""
+    if connection.sock is None:
+        return False
+    poller = _poll()
+    poller.register(connection.sock, select.POLLIN)
+    return not poller.poll(0)
+
+
+class _Connection(HTTPConnection):
+    is_connected = property(_is_connected)  # type: ignore[assignment]
+
+
+class _TLSConnection(HTTPSConnection):
+    is_connected = property(_is_connected)  # type: ignore[assignment]
+
+
+class _Pool(HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
+class PooledAdapter(HTTPAdapter):
+    """requests' HTTPAdapter whose pools check a reused connection without yielding."""
+
+    def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
