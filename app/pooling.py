@@ -19,7 +19,7 @@ try:
     from gevent.monkey import get_original
 
     _poll = get_original("select", "poll")
-except ImportError:  # pragma: no cover - gevent is a dependency
+except (ImportError, AttributeError):  # pragma: no cover - gevent is a dependency; Linux has poll
     _poll = select.poll
 
 
@@ -48,9 +48,19 @@ class _TLSPool(HTTPSConnectionPool):
     ConnectionCls = _TLSConnection
 
 
+_POOLS = {"http": _Pool, "https": _TLSPool}
+
+
 class PooledAdapter(HTTPAdapter):
-    """requests' HTTPAdapter whose pools check a reused connection without yielding."""
+    """requests' HTTPAdapter whose pools check a reused connection without yielding, direct or
+    through an HTTP proxy (HTTPS_PROXY)."""
 
     def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+        self.poolmanager.pool_classes_by_scheme = _POOLS
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):  # type: ignore[no-untyped-def]
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):  # a SOCKS manager has pools of its own kind
+            manager.pool_classes_by_scheme = _POOLS
+        return manager

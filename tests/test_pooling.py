@@ -1,0 +1,67 @@
+"""The upstream pools' check of a reused connection, under gevent as the worker runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Run in a process of its own: gevent's patching is for good, and the other tests run unpatched.
+_UNDER_GEVENT = textwrap.dedent(
+    """
+    from gevent import monkey
+
+    monkey.patch_all()
+
+    import socket
+
+    import gevent
+    import requests
+
+    from app.pooling import PooledAdapter
+
+    adapter = PooledAdapter(pool_connections=1, pool_maxsize=4)
+    ways = {
+        "http": ("http://upstream.test/api/v1/chat/completions", {}),
+        "https": ("https://openrouter.ai/api/v1/chat/completions", {}),
+        "https via proxy": (
+            "https://openrouter.ai/api/v1/chat/completions",
+            {"https": "http://127.0.0.1:3128"},
+        ),
+        "http via proxy": (
+            "http://upstream.test/api/v1/chat/completions",
+            {"http": "http://127.0.0.1:3128"},
+        ),
+    }
+    for way, (url, proxies) in ways.items():
+        request = requests.Request("POST", url).prepare()
+        pool = adapter.get_connection_with_tls_context(request, True, proxies=proxies)
+        connection = pool.ConnectionCls(host="upstream.test", port=443)
+        ours, peer = socket.socketpair()
+        connection.sock = ours
+        others = []
+        gevent.spawn(others.append, "ran")
+        assert connection.is_connected, way
+        assert not others, f"{way}: checking an idle connection let another greenlet run"
+        peer.close()
+        assert not connection.is_connected, f"{way}: a connection the peer closed looks open"
+        assert not others, f"{way}: checking a closed connection let another greenlet run"
+        ours.close()
+    print("checked", len(ways))
+    """
+)
+
+
+def test_every_pool_checks_a_reused_connection_without_going_round_the_event_loop():
+    done = subprocess.run(
+        [sys.executable, "-c", _UNDER_GEVENT],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "checked 4"
