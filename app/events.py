@@ -25,6 +25,7 @@ _READ_SIZE = 64 * 1024
 # otherwise hold the worker until its answer ends, and new requests' first tokens wait for it.
 _READS_PER_TURN = 32
 MAX_EVENT_BYTES = 8 * 1024 * 1024
+_FIRST_READ_PRIORITY = 2  # libev's highest (EV_MAXPRI); gevent's socket watchers start at 0
 
 
 class ChatStream:
@@ -188,12 +189,16 @@ class ChatStream:
         unterminated = 0  # bytes since the last event boundary: an event may not grow forever
         now = time.monotonic
         reads = 0
+        first_event_pending = _served_first(self._response)
         while True:
             self.waiting_since = now()
             data = read(_READ_SIZE)
             self.waiting_since = None
             if not data:
                 return
+            if first_event_pending is not None and b"data:" in data:
+                first_event_pending.priority = 0
+                first_event_pending = None
             boundary = data.rfind(b"\n\n")
             unterminated = len(data) - boundary - 2 if boundary >= 0 else unterminated + len(data)
             if unterminated > MAX_EVENT_BYTES:
@@ -223,6 +228,26 @@ class ChatStream:
             self.first_event_at = time.monotonic()
             self.model_served = chunk.get("model")
         return chunk
+
+
+def _served_first(response: requests.Response) -> Any:
+    """Under gevent, put the upstream socket's reads ahead of other streams' until the first
+    event: returns the socket's read watcher for the caller to set back to 0 then, else None.
+
+    When several sockets are ready at once, gevent's event loop (libev) wakes the greenlets
+    waiting on them in order of their watchers' priority. So a stream waiting for its first token
+    is relayed before later tokens of streams already under way, which are ready in bunches on a
+    busy worker. A/B at 200 req/s of 20-token streams, three rounds: time to first token's
+    overhead p50 1.55-1.65 -> 1.26-1.30 ms on text, 1.9 -> 1.7-1.8 ms on SSE (whose reader
+    hands the event to the response's greenlet through the loop's callbacks).
+    """
+    connection = getattr(response.raw, "_connection", None)
+    watcher = getattr(getattr(connection, "sock", None), "_read_event", None)
+    try:
+        watcher.priority = _FIRST_READ_PRIORITY  # type: ignore[union-attr]
+    except AttributeError:  # no gevent socket; or its watcher is active (cannot happen here)
+        return None
+    return watcher
 
 
 def _plain_delta(data: str) -> bool:
