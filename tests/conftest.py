@@ -86,6 +86,18 @@ def client(app):
     return app.test_client()
 
 
+def run_under_gevent(script: str) -> str:
+    """Run `script` in a process of its own and return what it printed; fail on its error.
+
+    gevent's patching is for good, and the other tests run unpatched; the script patches first.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

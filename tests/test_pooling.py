@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import run_under_gevent
 
-# Run in a process of its own: gevent's patching is for good, and the other tests run unpatched.
 _UNDER_GEVENT = textwrap.dedent(
     """
     from gevent import monkey
@@ -56,12 +52,5 @@ _UNDER_GEVENT = textwrap.dedent(
 
 
 def test_every_pool_checks_a_reused_connection_without_going_round_the_event_loop():
-    done = subprocess.run(
-        [sys.executable, "-c", _UNDER_GEVENT],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == "checked 4"
+    printed = run_under_gevent(_UNDER_GEVENT)
+    assert printed.strip() == "checked 4"
