@@ -18,5 +18,6 @@ gc.freeze()
 # Measured at 200 req/s of 20-token streams: by default 3-7 young collections a second of about
 # 1.2 ms each, plus an older one of about 3 ms every few seconds; at 10,000, one collection every
 # 6 s of about 5 ms (longest 8.4 ms against 6.5 ms), a sixth of the time paused or less. What
-# piles up in between is small: a request's only cyclic garbage is Werkzeug's URL-matcher closure.
+# piles up in between is small: Werkzeug's URL-matcher closure (8 objects a request); a stream,
+# failed or not, is freed without the collector (tests/test_garbage.py).
 gc.set_threshold(10_000)

@@ -45,7 +45,9 @@ class ChatStream:
         self.done = False
         self.abandoned = False
         self.closed = False
-        self.failure: UpstreamError | None = None
+        # How it failed, not the error itself: the error's traceback holds this stream's frames,
+        # a reference cycle that only the worker's rarely run garbage collector would free.
+        self.failed_as: str | None = None
         self.model_served: str | None = None
         self.first_event_at: float | None = None
         self.retries: int = getattr(response, "relay_retries", 0)
@@ -73,7 +75,7 @@ class ChatStream:
         except UpstreamError as error:
             if self.abandoned:
                 raise ClientDisconnected() from None
-            self.failure = error
+            self.failed_as = error.outcome
             count_upstream_error(error, "mid_stream")
             raise
 
@@ -82,8 +84,8 @@ class ChatStream:
         """How the stream ended, as the usage ledger records it."""
         if self.done:
             return "completed"
-        if self.failure is not None and not self.abandoned:
-            return self.failure.outcome
+        if self.failed_as is not None and not self.abandoned:
+            return self.failed_as
         return "client_aborted"
 
     def _chunks(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
@@ -143,7 +145,7 @@ class ChatStream:
         if self.closed:
             return
         self.closed = True
-        if not self.done and self.failure is None:
+        if not self.done and self.failed_as is None:
             self.abandoned = True  # whoever closes it mid-stream stopped reading: a client abort
         while True:
             try:
@@ -190,23 +192,28 @@ class ChatStream:
         now = time.monotonic
         reads = 0
         first_event_pending = _served_first(self._response)
-        while True:
-            self.waiting_since = now()
-            data = read(_READ_SIZE)
-            self.waiting_since = None
-            if not data:
-                return
-            if first_event_pending is not None and b"data:" in data:
-                first_event_pending.priority = 0
-                first_event_pending = None
-            boundary = data.rfind(b"\n\n")
-            unterminated = len(data) - boundary - 2 if boundary >= 0 else unterminated + len(data)
-            if unterminated > MAX_EVENT_BYTES:
-                raise _protocol_error(f"an event larger than {MAX_EVENT_BYTES} bytes")
-            yield data
-            reads += 1
-            if not reads % _READS_PER_TURN:
-                time.sleep(0)  # under gevent: let the worker's other requests run
+        try:
+            while True:
+                self.waiting_since = now()
+                data = read(_READ_SIZE)
+                self.waiting_since = None
+                if not data:
+                    return
+                if first_event_pending is not None and b"data:" in data:
+                    first_event_pending = _served_as_usual(first_event_pending)
+                boundary = data.rfind(b"\n\n")
+                unterminated = (
+                    len(data) - boundary - 2 if boundary >= 0 else unterminated + len(data)
+                )
+                if unterminated > MAX_EVENT_BYTES:
+                    raise _protocol_error(f"an event larger than {MAX_EVENT_BYTES} bytes")
+                yield data
+                reads += 1
+                if not reads % _READS_PER_TURN:
+                    time.sleep(0)  # under gevent: let the worker's other requests run
+        finally:  # a stream that ends before its first event must not keep the head start
+            if first_event_pending is not None:
+                _served_as_usual(first_event_pending)
 
     def _interpret(self, data: str) -> dict[str, Any]:
         try:
@@ -232,22 +239,32 @@ class ChatStream:
 
 def _served_first(response: requests.Response) -> Any:
     """Under gevent, put the upstream socket's reads ahead of other streams' until the first
-    event: returns the socket's read watcher for the caller to set back to 0 then, else None.
+    event: returns the socket's read watcher, for `_served_as_usual` then, or None.
 
-    When several sockets are ready at once, gevent's event loop (libev) wakes the greenlets
-    waiting on them in order of their watchers' priority. So a stream waiting for its first token
-    is relayed before later tokens of streams already under way, which are ready in bunches on a
-    busy worker. A/B at 200 req/s of 20-token streams, three rounds: time to first token's
-    overhead p50 1.55-1.65 -> 1.26-1.30 ms on text, 1.9 -> 1.7-1.8 ms on SSE (whose reader
-    hands the event to the response's greenlet through the loop's callbacks).
+    When several sockets are ready at once, gevent's libev loop wakes the greenlets waiting on
+    them in order of their watchers' priority (its libuv loop has no priorities: no effect there).
+    So a stream waiting for its first token is relayed before later tokens of streams already
+    under way, which are ready in bunches on a busy worker. A/B at 200 req/s of 20-token streams,
+    three rounds: time to first token's overhead p50 1.55-1.65 -> 1.26-1.30 ms on text, 1.9 ->
+    1.7-1.8 ms on SSE (whose reader hands the event to the response's greenlet through the loop's
+    callbacks). "First event" is the first read holding `data:`, so a read ending inside that
+    prefix keeps the head start one read longer.
     """
     connection = getattr(response.raw, "_connection", None)
     watcher = getattr(getattr(connection, "sock", None), "_read_event", None)
+    return watcher if _prioritise(watcher, _FIRST_READ_PRIORITY) else None
+
+
+def _served_as_usual(watcher: Any) -> None:
+    _prioritise(watcher, 0)
+
+
+def _prioritise(watcher: Any, priority: int) -> bool:
     try:
-        watcher.priority = _FIRST_READ_PRIORITY  # type: ignore[union-attr]
-    except AttributeError:  # no gevent socket; or its watcher is active (cannot happen here)
-        return None
-    return watcher
+        watcher.priority = priority
+    except (AttributeError, ValueError, TypeError):  # no gevent socket, or a watcher in use
+        return False
+    return True
 
 
 def _plain_delta(data: str) -> bool:

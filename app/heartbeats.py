@@ -120,8 +120,12 @@ class HeartbeatReader:
                 if batch or opened:
                     yield batch  # the first one, maybe empty, says the source is open
                 if ended:
-                    if self._failure is not None:
-                        raise self._failure
-                    return
+                    failure, self._failure = self._failure, None
+                    if failure is None:
+                        return
+                    try:
+                        raise failure
+                    finally:  # its traceback holds this frame and the reader's: no cycle left
+                        del failure
         finally:
             self.stop()

@@ -52,6 +52,7 @@ _UNDER_GEVENT = textwrap.dedent(
     def serve():
         while True:
             connection, _ = listener.accept()
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each send at once
             read_request(connection)
             connection.sendall(HEAD)
             upstream_ends.append(connection)
@@ -83,7 +84,7 @@ _UNDER_GEVENT = textwrap.dedent(
         gevent.sleep(0.05)  # both readers now wait on their sockets
         fresh[1].sendall(event("first"))
         under_way[1].sendall(event("later"))
-        time.sleep(0.05)  # without yielding: both are ready when the loop looks next
+        time.sleep(0.05)  # both sockets are ready before the loop looks at them again
         gevent.joinall(readers, timeout=5)
         return ", ".join(order)
 
