@@ -200,7 +200,8 @@ class ChatStream:
                 if not data:
                     return
                 if first_event_pending is not None and b"data:" in data:
-                    first_event_pending = _served_as_usual(first_event_pending)
+                    _prioritise(first_event_pending, 0)
+                    first_event_pending = None
                 boundary = data.rfind(b"\n\n")
                 unterminated = (
                     len(data) - boundary - 2 if boundary >= 0 else unterminated + len(data)
@@ -213,7 +214,7 @@ class ChatStream:
                     time.sleep(0)  # under gevent: let the worker's other requests run
         finally:  # a stream that ends before its first event must not keep the head start
             if first_event_pending is not None:
-                _served_as_usual(first_event_pending)
+                _prioritise(first_event_pending, 0)
 
     def _interpret(self, data: str) -> dict[str, Any]:
         try:
@@ -239,7 +240,7 @@ class ChatStream:
 
 def _served_first(response: requests.Response) -> Any:
     """Under gevent, put the upstream socket's reads ahead of other streams' until the first
-    event: returns the socket's read watcher, for `_served_as_usual` then, or None.
+    event: returns the socket's read watcher, to be set back to 0 then, or None.
 
     When several sockets are ready at once, gevent's libev loop wakes the greenlets waiting on
     them in order of their watchers' priority (its libuv loop has no priorities: no effect there).
@@ -253,10 +254,6 @@ def _served_first(response: requests.Response) -> Any:
     connection = getattr(response.raw, "_connection", None)
     watcher = getattr(getattr(connection, "sock", None), "_read_event", None)
     return watcher if _prioritise(watcher, _FIRST_READ_PRIORITY) else None
-
-
-def _served_as_usual(watcher: Any) -> None:
-    _prioritise(watcher, 0)
 
 
 def _prioritise(watcher: Any, priority: int) -> bool:
