@@ -247,8 +247,9 @@ def _served_first(response: requests.Response) -> Any:
     So a stream waiting for its first token is relayed before later tokens of streams already
     under way, which are ready in bunches on a busy worker. A/B at 200 req/s of 20-token streams,
     three rounds: time to first token's overhead p50 1.55-1.65 -> 1.26-1.30 ms on text, 1.9 ->
-    1.7-1.8 ms on SSE (whose reader hands the event to the response's greenlet through the loop's
-    callbacks). "First event" is the first read holding `data:`, so a read ending inside that
+    1.7-1.8 ms on SSE (whose reader then handed the event to the response's greenlet through the
+    loop's callbacks, after the turn's other watchers; see wakeups.py for how it is handed over
+    now). "First event" is the first read holding `data:`, so a read ending inside that
     prefix keeps the head start one read longer.
     """
     connection = getattr(response.raw, "_connection", None)

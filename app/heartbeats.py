@@ -9,12 +9,13 @@ at once.
 
 from __future__ import annotations
 
-import _thread
 import contextvars
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
+
+from .wakeups import arrival_event, start_thread
 
 HEARTBEAT: Any = object()
 
@@ -41,7 +42,8 @@ class HeartbeatReader:
 
     The hand-over is a deque (appends and pops are atomic) and two events, not a Condition: the
     reader wakes the consumer once per upstream chunk, and under gevent a Condition's locks cost
-    more than the rest of relaying that chunk.
+    more than the rest of relaying that chunk. The event that says an item arrived wakes the
+    consumer before the loop's other ready work, and the reader starts that way (see wakeups.py).
     """
 
     def __init__(self, open_source: Callable[[], Source], interval: float) -> None:
@@ -49,7 +51,7 @@ class HeartbeatReader:
         self._source: Source | None = None
         self._interval = interval
         self._pending: deque[Any] = deque()
-        self._arrived = threading.Event()  # set after each item handed over
+        self._arrived = arrival_event()  # set after each item handed over
         self._taken = threading.Event()  # set when the queue was emptied for a held reader
         self._held = False  # the reader waits for the queue to be emptied
         self._stopped = False
@@ -57,7 +59,7 @@ class HeartbeatReader:
         # The reader runs in a copy of this context, so that it sees the request (and what it
         # logs names it). A bare thread (a bare greenlet under gevent): threading.Thread's
         # start-up handshake costs more than the rest of a request's hand-over.
-        _thread.start_new_thread(contextvars.copy_context().run, (self._read,))
+        start_thread(contextvars.copy_context().run, self._read)
 
     def stop(self) -> None:
         self._stopped = True

@@ -1,0 +1,120 @@
+"""Starting a stream's reader, and waking the greenlet that waits for its events, in the same
+turn of the event loop.
+
+Under gevent, a new greenlet starts, and threading.Event wakes its waiter, through the loop's
+callbacks, which run only after every watcher that is ready in that turn: on a busy worker, after
+other streams' chunks have been read and written. The SSE surface starts a reader per request and
+takes each event from it, so on a busy worker those waits came before the upstream call and
+between a first token and its write. Here both go through a fed watcher of libev's highest
+priority, which libev runs before the watchers still pending in the turn.
+
+Measured in the worker at 200 req/s of 20-token SSE streams (one run each way): from a first
+event's hand-over to its consumer taking it, 250-400 us p50 and 2-9 ms p99 through
+threading.Event, 20-26 us p50 and under 0.12 ms p99 this way; from a reader's start to its first
+step, 62 us p50 and 5.9 ms p99 through gevent's start.
+"""
+
+from __future__ import annotations
+
+import _thread
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+_PRIORITY = 2  # libev's highest (EV_MAXPRI); gevent's own watchers are at 0
+
+
+class Arrival(Protocol):
+    """What HeartbeatReader needs of threading.Event."""
+
+    def set(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+def start_thread(function: Callable[..., Any], *args: Any) -> None:
+    """Call `function(*args)` in a new thread: under gevent's libev loop, a greenlet that starts
+    as soon as the current one waits. What it lets out is only printed, by gevent's hub."""
+    hub = _libev_hub()
+    if hub is None:
+        _thread.start_new_thread(function, args)
+        return
+    from greenlet import greenlet
+
+    runner = greenlet(function, parent=hub)  # a gevent Greenlet starts from the loop's callbacks
+    hub.loop.check(priority=_PRIORITY).feed(0, runner.switch, *args)  # fed, never started
+
+
+def arrival_event() -> Arrival:
+    """An event with one waiter at a time: under gevent's libev loop, one whose `set` wakes the
+    waiting greenlet before the loop's other ready watchers; otherwise threading.Event."""
+    hub = _libev_hub()
+    return threading.Event() if hub is None else _PromptArrival(hub)
+
+
+def _libev_hub() -> Any:
+    """This thread's gevent hub when gevent has patched threading and runs libev (libuv, its
+    other loop, has no priorities and cannot feed a watcher); else None."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("threading"):
+        return None
+    from gevent import get_hub
+
+    hub = get_hub()
+    return hub if type(hub.loop).__module__.startswith("gevent.libev") else None
+
+
+class _PromptArrival:
+    """threading.Event's set, clear and wait, for one greenlet waiting at a time, in one thread."""
+
+    def __init__(self, hub: Any) -> None:
+        from gevent.hub import Waiter
+
+        self._hub = hub
+        self._new_waiter = Waiter
+        self._flag = False
+        self._waiter: Any = None
+        # ref=False would leave the loop's count of active watchers one lower for every watcher.
+        self._wake = hub.loop.check(priority=_PRIORITY)  # fed, never started
+        self._timer: Any = None
+        self._timeout: float | None = None
+
+    def set(self) -> None:
+        self._flag = True
+        if self._waiter is not None and not self._wake.pending:
+            self._wake.feed(0, self._wake_waiter)
+
+    def clear(self) -> None:
+        self._flag = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._flag:
+            return True
+        waiter = self._waiter = self._new_waiter(self._hub)
+        timer = self._timer_for(timeout)
+        if timer is not None:
+            timer.start(waiter.switch, None)
+        try:
+            waiter.get()
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.stop()
+        return self._flag
+
+    def _timer_for(self, timeout: float | None) -> Any:
+        """One timer, reused while the timeout stays the same: the consumer waits once a chunk."""
+        if timeout != self._timeout:
+            if self._timer is not None:
+                self._timer.close()
+            self._timer = None if timeout is None else self._hub.loop.timer(max(timeout, 0))
+            self._timeout = timeout
+        return self._timer
+
+    def _wake_waiter(self) -> None:  # in the hub
+        waiter = self._waiter
+        if waiter is not None:  # it may have timed out meanwhile
+            waiter.switch(None)

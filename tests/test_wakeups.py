@@ -1,0 +1,80 @@
+"""The SSE reader starts, and its hand-over wakes the response's greenlet, at once under gevent as
+the worker runs it; otherwise they are a thread and threading.Event."""
+
+from __future__ import annotations
+
+import textwrap
+import threading
+
+from app.wakeups import arrival_event
+from tests.conftest import run_under_gevent
+
+# Two greenlets are woken in one turn of the loop: the reader first (its watcher has a higher
+# priority), which wakes a waiting consumer or starts a greenlet, then another stream's. What the
+# reader set going must run before that other stream, as if the reader had done it itself.
+_UNDER_GEVENT = textwrap.dedent(
+    """
+    from gevent import monkey
+
+    monkey.patch_all()
+
+    import socket
+
+    import gevent
+    from gevent import get_hub
+
+    from app.wakeups import arrival_event, start_thread
+
+    hub = get_hub()
+    real_sleep = monkey.get_original("time", "sleep")
+
+    def wait_readable(sock, priority):
+        hub.wait(hub.loop.io(sock.fileno(), 1, priority=priority))
+
+    def race(hand_over, waiting=lambda order: None):  # who runs after the reader's hand-over
+        order = []
+
+        def reader(sock):
+            wait_readable(sock, 1)
+            order.append("reader")
+            hand_over(order)
+
+        def other_stream(sock):
+            wait_readable(sock, 0)
+            order.append("other stream")
+
+        reader_end, reader_feed = socket.socketpair()
+        other_end, other_feed = socket.socketpair()
+        greenlets = [gevent.spawn(reader, reader_end), gevent.spawn(other_stream, other_end)]
+        greenlets.append(gevent.spawn(waiting, order))
+        gevent.sleep(0.01)  # all wait now
+        reader_feed.send(b"x")
+        other_feed.send(b"x")
+        real_sleep(0.01)  # the loop looks again only once both sockets are ready
+        gevent.joinall(greenlets, timeout=5)
+        return ", ".join(order)
+
+    arrival = arrival_event()
+    print(race(lambda _: arrival.set(), lambda order: order.append(f"woken {arrival.wait(5)}")))
+    print(race(lambda order: start_thread(order.append, "started")))
+
+    # Otherwise, threading.Event's behaviour.
+    later = arrival_event()
+    print(later.wait(0.01), later.wait(0.01), later.wait(0))  # the timer again, then another
+    gevent.spawn_later(0.01, later.set)
+    print(later.wait(5), later.wait(0))
+    later.clear()
+    print(later.wait(0))
+    """
+)
+
+
+def test_a_reader_wakes_its_consumer_and_starts_before_other_ready_streams():
+    printed = run_under_gevent(_UNDER_GEVENT).split("\n")
+    assert printed[:2] == ["reader, woken True, other stream", "reader, started, other stream"]
+    assert printed[2:5] == ["False False False", "True True", "False"]
+
+
+def test_without_gevent_it_is_a_threading_event():
+    arrival = arrival_event()
+    assert isinstance(arrival, threading.Event)
