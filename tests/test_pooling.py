@@ -54,3 +54,30 @@ _UNDER_GEVENT = textwrap.dedent(
 def test_every_pool_checks_a_reused_connection_without_going_round_the_event_loop():
     printed = run_under_gevent(_UNDER_GEVENT)
     assert printed.strip() == "checked 4"
+
+
+def test_the_adapter_finds_the_pool_and_path_requests_would_and_remembers_them():
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    from app.pooling import PooledAdapter
+
+    ours, plain = PooledAdapter(pool_connections=1), HTTPAdapter(pool_connections=1)
+    chat = requests.Request("POST", "https://openrouter.ai/api/v1/chat/completions?x=1").prepare()
+    models = requests.Request("GET", "http://upstream.test:8080/api/v1/models").prepare()
+    for request in (chat, models, chat):
+        pool = ours.get_connection_with_tls_context(request, True)
+        expected = plain.get_connection_with_tls_context(request, True)
+        assert (pool.scheme, pool.host, pool.port) == (
+            expected.scheme,
+            expected.host,
+            expected.port,
+        )
+        assert ours.request_url(request, {}) == plain.request_url(request, {})
+        assert ours.get_connection_with_tls_context(request, True) is pool
+    assert ours.request_url(chat, {}) == "/api/v1/chat/completions?x=1"
+    proxy = {"http": "http://127.0.0.1:3128"}
+    assert ours.request_url(models, proxy) == "http://upstream.test:8080/api/v1/models"
+    first = ours.get_connection_with_tls_context(chat, True)
+    ours.close()
+    assert ours.get_connection_with_tls_context(chat, True) is not first
