@@ -153,6 +153,19 @@ def test_heartbeats_flow_while_the_upstream_is_silent(start_relay, fake):
     assert events[-1] == "data: [DONE]"
 
 
+def test_a_fast_stream_flows_through_without_waiting_for_a_heartbeat(start_relay, fake):
+    """Its events outrun the response: the reader holds back, and each wakes the other."""
+    relay = start_relay(HEARTBEAT_INTERVAL="3")
+    fake.script("m/fast", Scenario(tokens=[f"t{i} " for i in range(2000)]))
+    payload = {"model": "m/fast", "messages": MESSAGES, "stream": True}
+    with start_raw_stream(relay.port, payload, path="/v1/chat/completions") as client:
+        body = read_chunked_body(client).decode()
+    events = body.split("\n\n")[:-1]
+    assert ": keep-alive" not in events  # nothing waited a heartbeat interval
+    contents = [json.loads(e[6:])["choices"][0]["delta"]["content"] for e in events[1:-2]]
+    assert "".join(contents) == "".join(f"t{i} " for i in range(2000))
+
+
 def test_a_slow_upstream_cannot_delay_the_first_byte_past_a_heartbeat(start_relay, fake):
     """A router drops a request that sent nothing for 30 s: the response starts within a
     heartbeat interval even while OpenRouter has not answered yet."""

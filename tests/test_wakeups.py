@@ -58,6 +58,24 @@ _UNDER_GEVENT = textwrap.dedent(
     print(race(lambda _: arrival.set(), lambda order: order.append(f"woken {arrival.wait(5)}")))
     print(race(lambda order: start_thread(order.append, "started")))
 
+    # A source faster than its consumer: the reader is held back and woken again and again, and
+    # every wake-up comes from gevent's callbacks (sleep(0), Event), none after a heartbeat.
+    from app.heartbeats import HEARTBEAT, HeartbeatReader
+
+    class Fast:
+        def __iter__(self):
+            for item in range(2000):
+                if not item % 32:
+                    gevent.sleep(0)
+                yield item
+
+        def close(self):
+            pass
+
+    batches = list(HeartbeatReader(Fast, 5.0))
+    items = [item for batch in batches if batch is not HEARTBEAT for item in batch]
+    print(len(items), batches.count(HEARTBEAT))
+
     # Otherwise, threading.Event's behaviour.
     later = arrival_event()
     print(later.wait(0.01), later.wait(0.01), later.wait(0))  # the timer again, then another
@@ -72,7 +90,8 @@ _UNDER_GEVENT = textwrap.dedent(
 def test_a_reader_wakes_its_consumer_and_starts_before_other_ready_streams():
     printed = run_under_gevent(_UNDER_GEVENT).split("\n")
     assert printed[:2] == ["reader, woken True, other stream", "reader, started, other stream"]
-    assert printed[2:5] == ["False False False", "True True", "False"]
+    assert printed[2] == "2000 0"
+    assert printed[3:6] == ["False False False", "True True", "False"]
 
 
 def test_without_gevent_it_is_a_threading_event():
