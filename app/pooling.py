@@ -58,7 +58,7 @@ class PooledAdapter(HTTPAdapter):
     through an HTTP proxy (HTTPS_PROXY).
 
     Without a proxy it also remembers, per URL, the pool and the path it sends: requests parses
-    the URL three times and builds the pool's key on every call to find them, about 30 us of
+    the URL three times and builds the pool's key on every call to find them, about 20 us of
     the path to each upstream call, for the same one or two URLs all the worker's life. (A pool
     that the manager lets go for another host's stays in use for its URLs, until `close`.)
     """
