@@ -86,14 +86,13 @@ class HeartbeatReader:
             del open_source  # it holds the request's body, and a stream may run for minutes
             if self._stopped:  # stop() came while it opened, and could not close it
                 source.close()
-                return
-            if self._hand_over(_OPENED):
+            elif self._hand_over(_OPENED):
                 for item in source:
                     if not self._hand_over(item):
-                        return  # stop() has closed the source
+                        break  # stop() has closed the source
         except BaseException as error:  # handed to the consumer, which re-raises it
             self._failure = error
-        self._hand_over(_END)
+        self._hand_over(_END)  # even after stop(): a consumer still iterating then ends
 
     def _take(self) -> list[Any]:
         """Everything handed over so far. The event is cleared first: an item handed over

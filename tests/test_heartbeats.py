@@ -3,6 +3,7 @@ threads (the end-to-end tests cover it under gevent, behind gunicorn)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 
@@ -77,3 +78,16 @@ def test_stopping_closes_the_source_and_the_reader_held_back_reads_no_more():
     time.sleep(0.2)
     assert source.closed
     assert source.yielded <= held + 1  # the item it held is handed over, and nothing after
+
+
+def test_stopped_from_elsewhere_while_iterated_the_iteration_ends():
+    source = Items(list(range(10 * MAX_AHEAD)))
+    reader = HeartbeatReader(lambda: source, interval=0.05)
+    batches = iter(reader)
+    next(batches)
+    time.sleep(0.2)  # the reader is held back by a full queue
+    reader.stop()
+    taken = [batch for batch in itertools.islice(batches, 100) if batch is not HEARTBEAT]
+    assert sum(len(batch) for batch in taken) <= MAX_AHEAD + 1
+    assert next(batches, None) is None  # ended, not heartbeats forever
+    assert source.closed
