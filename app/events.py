@@ -17,6 +17,7 @@ from urllib3.exceptions import ReadTimeoutError
 
 from .errors import ClientDisconnected, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from .metrics import count_upstream_error
+from .wakeups import HIGHEST_PRIORITY
 
 log = logging.getLogger("relay")
 
@@ -25,7 +26,6 @@ _READ_SIZE = 64 * 1024
 # otherwise hold the worker until its answer ends, and new requests' first tokens wait for it.
 _READS_PER_TURN = 32
 MAX_EVENT_BYTES = 8 * 1024 * 1024
-_FIRST_READ_PRIORITY = 2  # libev's highest (EV_MAXPRI); gevent's socket watchers start at 0
 
 
 class ChatStream:
@@ -254,7 +254,7 @@ def _served_first(response: requests.Response) -> Any:
     """
     connection = getattr(response.raw, "_connection", None)
     watcher = getattr(getattr(connection, "sock", None), "_read_event", None)
-    return watcher if _prioritise(watcher, _FIRST_READ_PRIORITY) else None
+    return watcher if _prioritise(watcher, HIGHEST_PRIORITY) else None
 
 
 def _prioritise(watcher: Any, priority: int) -> bool:

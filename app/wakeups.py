@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
-_PRIORITY = 2  # libev's highest (EV_MAXPRI); gevent's own watchers are at 0
+HIGHEST_PRIORITY = 2  # libev's highest (EV_MAXPRI); gevent's own watchers are at 0
 
 
 class Arrival(Protocol):
@@ -46,7 +46,7 @@ def start_thread(function: Callable[..., Any], *args: Any) -> None:
     from greenlet import greenlet
 
     runner = greenlet(function, parent=hub)  # a gevent Greenlet starts from the loop's callbacks
-    _nudge_for(hub).feed_switch(hub.loop.check(priority=_PRIORITY), runner.switch, *args)
+    _nudge_for(hub).feed_switch(hub.loop.check(priority=HIGHEST_PRIORITY), runner.switch, *args)
 
 
 def arrival_event() -> Arrival:
@@ -119,7 +119,7 @@ class _PromptArrival:
         self._flag = False
         self._waiter: Any = None
         # ref=False would leave the loop's count of active watchers one lower for every watcher.
-        self._wake = hub.loop.check(priority=_PRIORITY)  # fed, never started
+        self._wake = hub.loop.check(priority=HIGHEST_PRIORITY)  # fed, never started
 
     def set(self) -> None:
         self._flag = True
