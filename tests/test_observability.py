@@ -422,6 +422,28 @@ def test_cors_answers_preflights_for_allowed_origins_only_and_streams_unchanged(
     assert pieces[0][1] < 0.5  # the first word came before the others were generated
 
 
+def test_a_stream_failing_before_its_first_token_keeps_its_headers_and_logs_its_status(
+    start_relay, fake
+):
+    """The chatbot surface's status waits for the first token, after Flask has finished with the
+    request: the error response still carries what the request's own response would have."""
+    relay = start_relay(CORS_ORIGINS="https://chat.example.com")
+    fake.script("m/refused", Scenario(error_after=0, error_code=429, error_message="Slow down"))
+    answer = requests.post(
+        relay.url + CHATBOT,
+        json=chatbot_body("m/refused"),
+        headers={"Origin": "https://chat.example.com", "X-Request-ID": "router-id-43"},
+    )
+    assert answer.status_code == 429
+    assert answer.json() == {"message": "Slow down"}
+    assert answer.headers["Content-Type"] == "application/json"
+    assert answer.headers["X-Request-ID"] == "router-id-43"
+    assert answer.headers["Access-Control-Allow-Origin"] == "https://chat.example.com"
+    (line,) = wait_for_lines(relay, 1, CHATBOT)
+    assert (line["request_id"], line["status"]) == ("router-id-43", 429)
+    assert line["outcome"] == "upstream_error"
+
+
 def test_without_cors_origins_no_cors_headers_are_sent(client, fake):
     answer = client.post(CHATBOT, json=chatbot_body(), headers={"Origin": "https://x.example"})
     assert answer.status_code == 200
