@@ -1,4 +1,5 @@
-"""The upstream connection pool: requests' and urllib3's, minus a trip round the event loop.
+"""The upstream connection pool: requests' and urllib3's, minus a trip round the event loop and
+a write per request.
 
 Before it reuses a pooled connection, urllib3 asks whether the connection has become readable
 (OpenRouter closed it) with `select.poll` and a timeout of 0. Under gevent that poll is gevent's,
@@ -33,11 +34,43 @@ def _is_connected(connection: HTTPConnection) -> bool:
     return not poller.poll(0)
 
 
-class _Connection(HTTPConnection):
+class _OneWrite:
+    """Sends a request's head and its body (bytes of a known length) in one write.
+
+    urllib3 writes them separately: two system calls, and two TCP segments (or TLS records),
+    since it turns Nagle's algorithm off. A server that reads the head apart from the body may go
+    round its event loop before it reads the rest: at 200 requests/s the benchmark's upstream, an
+    asyncio server, began a request 0.12-0.15 ms (p50) after its first bytes came in two
+    segments, 0.07-0.09 ms in one.
+    """
+
+    _joining = False
+    _head: bytes | None = None
+
+    def request(self, method, url, body=None, headers=None, **kwargs):  # type: ignore[no-untyped-def]
+        self._joining = isinstance(body, bytes) and bool(body) and not kwargs.get("chunked")
+        try:
+            super().request(method, url, body, headers, **kwargs)  # type: ignore[misc]
+        finally:
+            self._joining = False
+            self._head = None
+
+    def send(self, data):  # type: ignore[no-untyped-def]
+        if self._joining:
+            if self._head is None:  # the head: held back for the body, which comes next
+                self._head = data
+                return
+            data = self._head + data
+            self._joining = False
+            self._head = None
+        super().send(data)  # type: ignore[misc]
+
+
+class _Connection(_OneWrite, HTTPConnection):
     is_connected = property(_is_connected)  # type: ignore[assignment]
 
 
-class _TLSConnection(HTTPSConnection):
+class _TLSConnection(_OneWrite, HTTPSConnection):
     is_connected = property(_is_connected)  # type: ignore[assignment]
 
 

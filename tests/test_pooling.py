@@ -81,3 +81,53 @@ def test_the_adapter_finds_the_pool_and_path_requests_would_and_remembers_them()
     first = ours.get_connection_with_tls_context(chat, True)
     ours.close()
     assert ours.get_connection_with_tls_context(chat, True) is not first
+
+
+class _Writes:
+    """A real socket that notes what each write handed it."""
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.writes: list[bytes] = []
+
+    def sendall(self, data) -> None:
+        self.writes.append(bytes(data))
+        self.sock.sendall(data)
+
+    def settimeout(self, timeout) -> None:
+        self.sock.settimeout(timeout)
+
+
+def writes_of(connection_class, method, path, body, headers) -> list[bytes]:
+    """What one request handed the socket, write by write."""
+    import socket
+
+    connection = connection_class(host="upstream.test", port=443)
+    ours, peer = socket.socketpair()
+    connection.sock = _Writes(ours)
+    connection.request(method, path, body, headers)
+    assert peer.recv(4096) == b"".join(connection.sock.writes)  # sent, not just noted
+    ours.close()
+    peer.close()
+    return connection.sock.writes
+
+
+def test_a_request_goes_out_in_one_write_with_its_body():
+    import requests
+
+    from app.pooling import PooledAdapter
+
+    adapter = PooledAdapter(pool_connections=1)
+    body = b'{"model":"m/ok","messages":[]}'
+    for url in ("http://upstream.test/api/v1", "https://openrouter.ai/api/v1"):
+        request = requests.Request("GET", url).prepare()
+        connection_class = adapter.get_connection_with_tls_context(request, True).ConnectionCls
+        (post,) = writes_of(
+            connection_class, "POST", "/api/v1/chat/completions", body, {"Content-Length": "31"}
+        )
+        assert post.startswith(b"POST /api/v1/chat/completions HTTP/1.1\r\n")
+        assert post.endswith(b"\r\n\r\n" + body)
+        (get,) = writes_of(connection_class, "GET", "/api/v1/models", None, {})
+        assert get.endswith(b"\r\n\r\n")
+        chunked = writes_of(connection_class, "POST", "/upload", iter([b"ab", b"cd"]), {})
+        assert len(chunked) == 4  # head, two chunks, the end: as urllib3 sends them
