@@ -3,7 +3,7 @@ limits, recorded in the usage ledger, counted, and ended when the client goes aw
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Response, current_app, request
@@ -51,6 +51,15 @@ def open_stream(
         "X-Generation-Id": stream.generation_id or "",
     }
     return stream, headers
+
+
+def streamed_response(
+    body: Iterator[bytes], stream: ChatStream, content_type: str, headers: dict[str, str]
+) -> Response:
+    """The response that sends `body`; closing it closes the stream, even if it was never read."""
+    response = Response(body, content_type=content_type, headers=headers)
+    response.call_on_close(stream.close)
+    return response
 
 
 def event_stream_response(

@@ -5,11 +5,10 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, request
 
 from .bodies import read_json_object
-from .calls import open_stream
+from .calls import open_stream, streamed_response
 from .errors import handle_errors_as, render_message
-from .first_piece import FirstPieceResponse
 from .keys import resolve_caller
-from .presenters import present_as_text
+from .presenters import commit_on_first_piece, present_as_text
 from .schemas import ChatbotRequest, load
 
 bp = Blueprint("chatbot", __name__)
@@ -33,9 +32,5 @@ def chat() -> Response:
     if chat_settings.get("temperature") is not None:
         upstream_payload["temperature"] = chat_settings["temperature"]
     stream, headers = open_stream(caller, "chatbot", chat_settings["model"], upstream_payload)
-    response = FirstPieceResponse(
-        present_as_text(stream), render_message, content_type="text/plain; charset=utf-8"
-    )
-    response.headers.update(headers)
-    response.call_on_close(stream.close)  # even if the body is never read
-    return response
+    body = commit_on_first_piece(present_as_text(stream))
+    return streamed_response(body, stream, "text/plain; charset=utf-8", headers)

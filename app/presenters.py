@@ -37,9 +37,17 @@ def present_as_text(stream: ChatStream) -> Iterator[bytes]:
         stream.close()
 
 
-def cut_off_on_failure(first: bytes | None, pieces: Iterator[bytes]) -> Iterator[bytes]:
-    """`first`, then the rest of `pieces`; a failure among them cuts the connection (StreamCutOff)
-    so that the client can never mistake the answer for complete."""
+def commit_on_first_piece(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """Read up to the first piece now, so that a failure before it is still an error response.
+
+    Returns the whole body as an iterator. Once the first piece is out, a failure cuts the
+    connection (StreamCutOff) so that the client can never mistake the answer for complete.
+    """
+    first = next(pieces, None)
+    return _cut_off_on_failure(first, pieces)
+
+
+def _cut_off_on_failure(first: bytes | None, pieces: Iterator[bytes]) -> Iterator[bytes]:
     try:
         if first is not None:
             yield first

@@ -14,7 +14,6 @@ import re
 import sys
 import time
 import uuid
-import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -82,9 +81,8 @@ def install(app: Flask) -> None:
         if record is not None:
             response.headers["X-Request-ID"] = record.request_id
             record.failure = _failure_of(g.get("relay_error"))
-            # Read when it closes: a FirstPieceResponse's status may change after this.
-            sent = weakref.ref(response)  # a closure holding the response itself would be a cycle
-            response.call_on_close(lambda: finish(record, sent().status_code))
+            status = response.status_code
+            response.call_on_close(lambda: finish(record, status))
         return response
 
 
