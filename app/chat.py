@@ -6,6 +6,7 @@ from flask import Blueprint, Response, current_app, request
 
 from .bodies import read_json_object
 from .calls import open_stream, streamed_response
+from .corking import corked_first_write
 from .errors import handle_errors_as, render_message
 from .keys import resolve_caller
 from .presenters import commit_on_first_piece, present_as_text
@@ -32,5 +33,5 @@ def chat() -> Response:
     if chat_settings.get("temperature") is not None:
         upstream_payload["temperature"] = chat_settings["temperature"]
     stream, headers = open_stream(caller, "chatbot", chat_settings["model"], upstream_payload)
-    body = commit_on_first_piece(present_as_text(stream))
+    body = corked_first_write(commit_on_first_piece(present_as_text(stream)), request.environ)
     return streamed_response(body, stream, "text/plain; charset=utf-8", headers)
