@@ -41,7 +41,7 @@ class _OneWrite:
     since it turns Nagle's algorithm off. A server that reads the head apart from the body may go
     round its event loop before it reads the rest: at 200 requests/s the benchmark's upstream, an
     asyncio server, began a request 0.12-0.15 ms (p50) after its first bytes came in two
-    segments, 0.07-0.09 ms in one.
+    segments, 0.06-0.09 ms in one.
     """
 
     _joining = False

@@ -425,8 +425,8 @@ def test_cors_answers_preflights_for_allowed_origins_only_and_streams_unchanged(
 def test_a_stream_failing_before_its_first_token_keeps_its_headers_and_logs_its_status(
     start_relay, fake
 ):
-    """The chatbot surface's status waits for the first token, after Flask has finished with the
-    request: the error response still carries what the request's own response would have."""
+    """The chatbot surface's status waits for the first token: when the stream fails before it,
+    the error response still carries the request's id and CORS headers, and its line the status."""
     relay = start_relay(CORS_ORIGINS="https://chat.example.com")
     fake.script("m/refused", Scenario(error_after=0, error_code=429, error_message="Slow down"))
     answer = requests.post(
