@@ -90,8 +90,11 @@ def added_latency(
                 bench.say(f"scenario 1, LiteLLM at {rate:g} requests/s")
                 options = {"rate": rate, "duration": plan.s1_litellm_duration, "timeout": 30}
                 summary, _ = run_load(bench, litellm.sse(), model, **options, record_gaps=True)
-                baseline = next(r for r in runs if r["rate"] == rate and r["surface"] == base.name)
-                summary.update(rate=rate, overhead=_overhead(summary, baseline))
+                summary["rate"] = rate
+                # A partial run's rates (--set s1_rates=...) may not include LiteLLM's.
+                same_rate = (r for r in runs if r["rate"] == rate and r["surface"] == base.name)
+                for baseline in same_rate:
+                    summary["overhead"] = _overhead(summary, baseline)
                 runs.append(summary)
         finally:
             litellm.stop()
