@@ -66,6 +66,21 @@ def test_only_model_messages_temperature_and_stream_go_upstream(client, fake):
     assert received.header("X-Title") is None
 
 
+def test_the_upstream_call_sends_only_the_headers_it_needs(client, fake):
+    post(client, chatbot_body(), headers={"X-Request-ID": "req-1"}).get_data()
+    (received,) = fake.received
+    assert sorted(name.lower() for name in received.headers) == [
+        "accept-encoding",
+        "authorization",
+        "content-length",
+        "content-type",
+        "host",
+        "user-agent",
+        "x-request-id",
+    ]
+    assert received.header("Accept-Encoding") == "identity"  # relayed bytes as sent
+
+
 def test_attribution_headers_come_from_the_environment(relay_env, fake):
     app = create_app(
         {**relay_env, "OPENROUTER_APP_URL": "https://chat.example", "OPENROUTER_APP_TITLE": "Chat"}
