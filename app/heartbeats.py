@@ -43,7 +43,8 @@ class HeartbeatReader:
     The hand-over is a deque (appends and pops are atomic) and two events, not a Condition: the
     reader wakes the consumer once per upstream chunk, and under gevent a Condition's locks cost
     more than the rest of relaying that chunk. The event that says an item arrived wakes the
-    consumer before the loop's other ready work, and the reader starts that way (see wakeups.py).
+    consumer before the loop's other ready work, and under gevent the reader runs as soon as it
+    is made, until it first waits (see wakeups.py).
     """
 
     def __init__(self, open_source: Callable[[], Source], interval: float) -> None:

@@ -26,6 +26,11 @@ _UNDER_GEVENT = textwrap.dedent(
     from app.wakeups import arrival_event, start_thread
 
     hub = get_hub()
+    before_the_loop = []  # nothing has waited yet: the hub does not run
+    start_thread(before_the_loop.append, "a thread started before the loop runs")
+    gevent.sleep(0.01)
+    print(*before_the_loop)
+
     real_sleep = monkey.get_original("time", "sleep")
 
     def wait_readable(sock, priority):
@@ -76,6 +81,38 @@ _UNDER_GEVENT = textwrap.dedent(
     items = [item for batch in batches if batch is not HEARTBEAT for item in batch]
     print(len(items), batches.count(HEARTBEAT))
 
+    # A new thread runs before its starter goes on, which resumes once the thread first waits
+    # (or ends); a starter woken by something else meanwhile is not switched back to later.
+    order = []
+
+    def runner(name):
+        order.append(name)
+        gevent.sleep(0.01)
+        order.append(f"{name} again")
+
+    def starter():
+        start_thread(runner, "thread")
+        order.append("starter")
+        start_thread(order.append, "thread that ends")
+        order.append("starter again")
+
+    gevent.spawn(starter).join(5)
+    gevent.sleep(0.05)
+    print(", ".join(order))
+
+    def woken_by_a_kill():
+        try:
+            start_thread(lambda: (killed.kill(block=False), gevent.sleep(0)))
+        except gevent.GreenletExit:
+            order.append("killed")
+            gevent.sleep(0.02)  # a switch back meant for start_thread would land here
+            order.append("slept")
+
+    order = []
+    killed = gevent.spawn(woken_by_a_kill)
+    killed.join(5)
+    print(", ".join(order))
+
     # Otherwise, threading.Event's behaviour.
     later = arrival_event()
     print(later.wait(0.01), later.wait(0.01), later.wait(0))  # the timer again, then another
@@ -87,11 +124,16 @@ _UNDER_GEVENT = textwrap.dedent(
 )
 
 
-def test_a_reader_wakes_its_consumer_and_starts_before_other_ready_streams():
+def test_a_reader_wakes_its_consumer_and_starts_before_anything_else():
     printed = run_under_gevent(_UNDER_GEVENT).split("\n")
+    assert printed.pop(0) == "a thread started before the loop runs"
     assert printed[:2] == ["reader, woken True, other stream", "reader, started, other stream"]
     assert printed[2] == "2000 0"
-    assert printed[3:6] == ["False False False", "True True", "False"]
+    assert printed[3:5] == [
+        "thread, starter, thread that ends, starter again, thread again",
+        "killed, slept",
+    ]
+    assert printed[5:8] == ["False False False", "True True", "False"]
 
 
 def test_without_gevent_it_is_a_threading_event():
