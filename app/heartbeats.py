@@ -60,7 +60,11 @@ class HeartbeatReader:
         # The reader runs in a copy of this context, so that it sees the request (and what it
         # logs names it). A bare thread (a bare greenlet under gevent): threading.Thread's
         # start-up handshake costs more than the rest of a request's hand-over.
-        start_thread(contextvars.copy_context().run, self._read)
+        try:
+            start_thread(contextvars.copy_context().run, self._read)
+        except BaseException:  # killed while the reader ran: nobody else would stop it
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self._stopped = True

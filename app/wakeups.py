@@ -43,8 +43,10 @@ class Arrival(Protocol):
 
 def start_thread(function: Callable[..., Any], *args: Any) -> None:
     """Call `function(*args)` in a new thread: under gevent's libev loop, a greenlet that runs at
-    once, until it first waits, and the caller goes on right after that. What it lets out is
-    only printed, by gevent's hub."""
+    once, until it first waits; the caller goes on once the hub has finished what it was doing
+    (its watchers of the highest priority first), and may meanwhile be killed like any greenlet
+    that waits. What the new thread lets out is only printed, by gevent's hub, as the failure of
+    whatever the hub was running then."""
     hub = _libev_hub()
     if hub is None:
         _thread.start_new_thread(function, args)
@@ -57,8 +59,8 @@ def start_thread(function: Callable[..., Any], *args: Any) -> None:
     if caller is hub or not hub:  # a runner that ends must have a running hub to return to
         nudge.feed_switch(hub.loop.check(priority=HIGHEST_PRIORITY), runner.switch, *args)
         return
-    # The runner switches to the hub when it first waits (or ends); the hub then runs this
-    # watcher first, which brings the caller back.
+    # The runner switches to the hub when it first waits (or ends); once the hub is done with
+    # the watcher or callback pass it was in, this watcher is among the first to run.
     resumption = _Resumption(caller)
     nudge.feed_switch(hub.loop.check(priority=HIGHEST_PRIORITY), resumption.resume)
     try:

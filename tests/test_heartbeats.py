@@ -1,15 +1,18 @@
 """The heartbeat reader's hand-over between its reading thread and the consumer, with real
-threads (the end-to-end tests cover it under gevent, behind gunicorn)."""
+threads (the end-to-end tests cover it under gevent, behind gunicorn), and its start under
+gevent."""
 
 from __future__ import annotations
 
 import itertools
+import textwrap
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from app.heartbeats import HEARTBEAT, MAX_AHEAD, HeartbeatReader
+from tests.conftest import run_under_gevent
 
 
 class Items:
@@ -91,3 +94,45 @@ def test_stopped_from_elsewhere_while_iterated_the_iteration_ends():
     assert sum(len(batch) for batch in taken) <= MAX_AHEAD + 1
     assert next(batches, None) is None  # ended, not heartbeats forever
     assert source.closed
+
+
+_KILLED_WHILE_THE_READER_OPENS = textwrap.dedent(
+    """
+    from gevent import monkey
+
+    monkey.patch_all()
+
+    import gevent
+
+    from app.heartbeats import HeartbeatReader
+
+    class Source:
+        closed = False
+
+        def __iter__(self):
+            yield from range(1000)
+
+        def close(self):
+            self.closed = True
+
+    source = Source()
+
+    def open_source():  # under gevent the reader runs at once, inside HeartbeatReader()
+        consumer.kill(block=False)
+        gevent.sleep(0.05)  # the upstream call: the consumer is killed meanwhile
+        return source
+
+    def consume():
+        for batch in HeartbeatReader(open_source, interval=5):
+            pass
+
+    consumer = gevent.spawn(consume)
+    consumer.join(5)
+    gevent.sleep(0.2)
+    print(consumer.dead, source.closed)
+    """
+)
+
+
+def test_a_consumer_killed_while_its_reader_opens_the_source_still_gets_it_closed():
+    assert run_under_gevent(_KILLED_WHILE_THE_READER_OPENS).split() == ["True", "True"]
