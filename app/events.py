@@ -104,10 +104,14 @@ class ChatStream:
         except (ReadTimeoutError, TimeoutError):
             raise _stall() from None
         except (TransportError, HTTPException, OSError) as error:
+            if self.abandoned:
+                raise ClientDisconnected() from None
             if self.stalled:
                 raise _stall() from None
             log.warning("upstream connection dropped mid-stream: %s", type(error).__name__)
             raise UpstreamProtocolError("OpenRouter's stream was cut off") from None
+        if self.abandoned:  # closed under its read: the end of the data says nothing upstream
+            raise ClientDisconnected()
         if self.stalled:
             raise _stall()
         raise _protocol_error("an end without [DONE]", "OpenRouter's stream was cut off")
@@ -195,7 +199,14 @@ class ChatStream:
         try:
             while True:
                 self.waiting_since = now()
-                data = read(_READ_SIZE)
+                try:
+                    data = read(_READ_SIZE)
+                except (AttributeError, ValueError):
+                    # Closed by another greenlet (the disconnect watch) while this one was away
+                    # or in the middle of a read: http.client has let go of its file.
+                    if not self.abandoned:
+                        raise
+                    return
                 self.waiting_since = None
                 if not data:
                     return
