@@ -110,8 +110,6 @@ class ChatStream:
                 raise _stall() from None
             log.warning("upstream connection dropped mid-stream: %s", type(error).__name__)
             raise UpstreamProtocolError("OpenRouter's stream was cut off") from None
-        if self.abandoned:  # closed under its read: the end of the data says nothing upstream
-            raise ClientDisconnected()
         if self.stalled:
             raise _stall()
         raise _protocol_error("an end without [DONE]", "OpenRouter's stream was cut off")
@@ -206,9 +204,15 @@ class ChatStream:
                     # or in the middle of a read: http.client has let go of its file.
                     if not self.abandoned:
                         raise
-                    return
+                    raise ClientDisconnected() from None
                 self.waiting_since = None
                 if not data:
+                    # Raised here, not at the end of the events: sseclient would first hand
+                    # over a half-read event as a whole one, and it would be blamed on OpenRouter.
+                    if self.abandoned:
+                        raise ClientDisconnected()
+                    if self.stalled:
+                        raise _stall()
                     return
                 if first_event_pending is not None and b"data:" in data:
                     _prioritise(first_event_pending, 0)
