@@ -110,8 +110,6 @@ class ChatStream:
                 raise _stall() from None
             log.warning("upstream connection dropped mid-stream: %s", type(error).__name__)
             raise UpstreamProtocolError("OpenRouter's stream was cut off") from None
-        if self.stalled:
-            raise _stall()
         raise _protocol_error("an end without [DONE]", "OpenRouter's stream was cut off")
 
     def on_close(self, callback: Callable[[], None]) -> None:

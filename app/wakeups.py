@@ -55,14 +55,14 @@ def start_thread(function: Callable[..., Any], *args: Any) -> None:
 
     runner = greenlet(function, parent=hub)  # a gevent Greenlet starts from the loop's callbacks
     caller = getcurrent()
-    nudge = _nudge_for(hub)
+    nudge, watcher = _nudge_for(hub), hub.loop.check(priority=HIGHEST_PRIORITY)
     if caller is hub or not hub:  # a runner that ends must have a running hub to return to
-        nudge.feed_switch(hub.loop.check(priority=HIGHEST_PRIORITY), runner.switch, *args)
+        nudge.feed_switch(watcher, runner.switch, *args)
         return
     # The runner switches to the hub when it first waits (or ends); once the hub is done with
     # the watcher or callback pass it was in, this watcher is among the first to run.
     resumption = _Resumption(caller)
-    nudge.feed_switch(hub.loop.check(priority=HIGHEST_PRIORITY), resumption.resume)
+    nudge.feed_switch(watcher, resumption.resume)
     try:
         runner.switch(*args)
     finally:

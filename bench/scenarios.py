@@ -93,7 +93,8 @@ def added_latency(
                 summary["rate"] = rate
                 # A partial run's rates (--set s1_rates=...) may not include LiteLLM's.
                 same_rate = (r for r in runs if r["rate"] == rate and r["surface"] == base.name)
-                for baseline in same_rate:
+                baseline = next(same_rate, None)
+                if baseline is not None:
                     summary["overhead"] = _overhead(summary, baseline)
                 runs.append(summary)
         finally:
