@@ -385,6 +385,8 @@ def test_the_pool_keeps_a_connection_per_concurrent_stream(faulty_relay, fake):
 
     burst()
     after_first = fake.connections
+    # A client has its answer before the worker closes the stream and pools its connection.
+    fake.wait_for(lambda: open_streams(faulty_relay) == 0, 5)
     burst()
     assert after_first <= 30
     assert fake.connections == after_first, "the second burst opened new upstream connections"
