@@ -19,6 +19,10 @@ class Plan:
     s1_timing: Timing = field(default_factory=lambda: Timing(ttft=0.05, tokens=20, gap=0.02))
     s1_rates: list[float] = field(default_factory=lambda: [50, 100, 200, 400])
     s1_duration: float = 12
+    # A run's p50 at one rate moves by 0.1-0.3 ms from one relay process to the next, so the
+    # targets' rate is measured again with new relays and the targets take the median.
+    s1_target_rate: float = 200
+    s1_repeats: int = 3
     s1_litellm_rates: list[float] = field(default_factory=lambda: [50, 100])
     s1_litellm_duration: float = 10
     s2_timing: Timing = field(default_factory=lambda: Timing(ttft=1.5, tokens=20, gap=0.0))
@@ -48,6 +52,8 @@ SMOKE = Plan(
     smoke=True,
     s1_rates=[20],
     s1_duration=0.5,
+    s1_target_rate=20,
+    s1_repeats=2,
     s1_litellm_rates=[],
     s2_timing=Timing(ttft=0.1, tokens=20, gap=0.0),
     s2_rate=20,

@@ -66,6 +66,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS_PER_SECOND
 
 
+def run_queue_seconds(pid: int) -> float:
+    """How long the process's main thread has waited, runnable, for a CPU (0 once it is gone):
+    on a machine it shares with the load generator, time the service lost to other processes."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class PeakMemory:
     """Samples the summed RSS of a process tree in the background; `peak` is the highest seen."""
 

@@ -6,6 +6,7 @@ the profile written by hand after a published run, which is included as it stand
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,18 @@ def _find(result: dict[str, Any], surface: str, **match: Any) -> dict[str, Any] 
     return None
 
 
+def _rounds(result: dict[str, Any], surface: str, rate: float) -> list[dict[str, Any]]:
+    """Scenario 1's runs of `surface` at `rate` that have an overhead: the sweep's, then the
+    repeats'."""
+    runs = result.get("runs", []) + result.get("repeats", [])
+    return [r for r in runs if r["surface"] == surface and r["rate"] == rate and r.get("overhead")]
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 3) if known else None
+
+
 def targets(results: dict[str, Any]) -> list[list[str]]:
     """The issue's targets for the relay, each with the measured figure and PASS or MISS."""
     rows: list[list[str]] = []
@@ -59,14 +72,20 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
 
     s1 = results.get("scenario1", {})
     for surface in ("relay-text", "relay-sse"):
-        run = _find(s1, surface, rate=200)
-        over = run["overhead"] if run else {}
-        p50, p99 = over.get("p50"), over.get("p99")
-        ok = None if p50 is None or p99 is None else p50 <= 1 and p99 <= 5 and not run["errors"]
+        rounds = _rounds(s1, surface, 200)
+        p50 = _median([run["overhead"]["p50"] for run in rounds])
+        p99 = _median([run["overhead"]["p99"] for run in rounds])
+        errors = sum(sum((run["errors"] or {}).values()) for run in rounds) if rounds else None
+        ok = None if p50 is None or p99 is None else p50 <= 1 and p99 <= 5 and not errors
+        each = ""
+        if len(rounds) > 1:
+            figures = ", ".join(_ms(run["overhead"]["p50"], 2) for run in rounds)
+            each = f" (medians of {len(rounds)} runs, each through a new relay: p50 {figures})"
         rows.append(
             [
                 f"TTFT overhead at 200 req/s, {surface}: p50 ≤ 1 ms, p99 ≤ 5 ms",
-                f"p50 {_ms(p50, 2)}, p99 {_ms(p99, 2)}, errors {_errors(run) if run else MISSING}",
+                f"p50 {_ms(p50, 2)}, p99 {_ms(p99, 2)}, errors "
+                f"{MISSING if errors is None else errors}{each}",
                 verdict(ok),
             ]
         )
@@ -117,7 +136,9 @@ def _scenario1(result: dict[str, Any]) -> str:
         f"after {timing['ttft'] * 1000:g} ms. The relay runs one gevent worker. *Overhead* is "
         "the relay's TTFT percentile less the upstream's own at the same offered rate (for the "
         "text surface the upstream's first content event is the baseline); *ratio* is relay ÷ "
-        "direct. *Worker CPU* is the relay worker's CPU use over the run (1.0 = one core). "
+        "direct. *Worker CPU* is the relay worker's CPU use over the run (1.0 = one core); "
+        "*worker waiting for a CPU* is how long, per request, the worker was ready to run but "
+        "waited for a core the load generator or the upstream held (Linux's schedstat). "
         "Percentiles are over the requests that were answered; requests that timed out "
         "(30 s) are in *errors*, so a saturated run looks better than it is.\n\n"
     )
@@ -138,11 +159,43 @@ def _scenario1(result: dict[str, Any]) -> str:
                 _num(over.get("ratio_p50"), 2, "x") + " / " + _num(over.get("ratio_p99"), 2, "x"),
                 _ms(run["gap_p99"], 1),
                 _num(run.get("worker_cpu"), 2),
+                _ms(run.get("worker_waited_ms"), 2),
             ]
         )
     header = ["offered req/s", "surface", "achieved req/s", "errors", "TTFB p50", "TTFT p50"]
     header += ["TTFT p99", "overhead p50", "overhead p99", "ratio p50 / p99"]
-    header += ["inter-read gap p99", "worker CPU"]
+    header += ["inter-read gap p99", "worker CPU", "worker waiting for a CPU"]
+    return text + _table(header, rows) + _repeats(result)
+
+
+def _repeats(result: dict[str, Any]) -> str:
+    repeats = result.get("repeats") or []
+    if not repeats:
+        return ""
+    rate = repeats[0]["rate"]
+    text = (
+        f"\nAt {rate:g} req/s, the targets' rate, again: each round after the first through a "
+        "relay started for it (round 1 is the sweep's row above). A run's p50 moves by tenths "
+        "of a millisecond from one relay process to the next, so the targets take the median "
+        "of the rounds.\n\n"
+    )
+    rows = []
+    for surface in ("relay-text", "relay-sse"):
+        for run in _rounds(result, surface, rate):
+            over = run["overhead"]
+            rows.append(
+                [
+                    surface,
+                    str(run.get("round", 1)),
+                    _errors(run),
+                    _ms(over["p50"], 2),
+                    _ms(over["p99"], 2),
+                    _num(run.get("worker_cpu"), 2),
+                    _ms(run.get("worker_waited_ms"), 2),
+                ]
+            )
+    header = ["surface", "round", "errors", "overhead p50", "overhead p99", "worker CPU"]
+    header += ["worker waiting for a CPU"]
     return text + _table(header, rows)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from bench.fake_upstream import TOKEN, Timing, model_name
 from bench.measure import Bench, run_load, start_load
 from bench.plan import Plan
-from bench.processes import PeakMemory, cpu_seconds, rss_bytes
+from bench.processes import PeakMemory, cpu_seconds, rss_bytes, run_queue_seconds
 from bench.stats import quantile_points
 from bench.targets import LiteLLM, Relay, Surface, direct
 
@@ -61,7 +61,8 @@ def added_latency(
 
     Per offered rate: the upstream directly, then the relay's text and SSE surfaces (one
     worker), then LiteLLM's proxy at the rates it can take at all; the relay worker's CPU use
-    over each run tells how close it is to saturation.
+    over each run tells how close it is to saturation. The targets' rate is then measured
+    again (`repeats`), each time through a new relay.
     """
     model = model_name(plan.s1_timing)
     runs: list[dict[str, Any]] = []
@@ -71,17 +72,18 @@ def added_latency(
             warm_up(bench, plan, surface)
         for rate in plan.s1_rates:
             bench.say(f"scenario 1 at {rate:g} requests/s")
-            options = {"rate": rate, "duration": plan.s1_duration, "timeout": 30}
-            baseline, _ = run_load(bench, base, model, **options, record_gaps=True)
-            runs.append({**baseline, "rate": rate})
+            runs += _at_rate(bench, plan, relay, base, model, rate)
+    repeats: list[dict[str, Any]] = []
+    rounds = plan.s1_repeats if plan.s1_target_rate in plan.s1_rates else 1
+    for round_ in range(2, rounds + 1):
+        with relay_for(bench) as relay:
             for surface in (relay.text(), relay.sse()):
-                worker = relay.worker_pids[0]
-                cpu_before, started = cpu_seconds(worker), time.monotonic()
-                summary, _ = run_load(bench, surface, model, **options, record_gaps=True)
-                cpu = (cpu_seconds(worker) - cpu_before) / (time.monotonic() - started)
-                summary.update(rate=rate, worker_cpu=round(cpu, 3))
-                summary["overhead"] = _overhead(summary, baseline)
-                runs.append(summary)
+                warm_up(bench, plan, surface)
+            rate = plan.s1_target_rate
+            bench.say(f"scenario 1 at {rate:g} requests/s, round {round_}")
+            repeats += [
+                {**run, "round": round_} for run in _at_rate(bench, plan, relay, base, model, rate)
+            ]
     litellm = start_litellm() if plan.s1_litellm_rates else None
     if litellm is not None:
         try:
@@ -99,7 +101,34 @@ def added_latency(
                 runs.append(summary)
         finally:
             litellm.stop()
-    return {"timing": plan.s1_timing.__dict__, "duration": plan.s1_duration, "runs": runs}
+    return {
+        "timing": plan.s1_timing.__dict__,
+        "duration": plan.s1_duration,
+        "runs": runs,
+        "repeats": repeats,
+    }
+
+
+def _at_rate(
+    bench: Bench, plan: Plan, relay: Relay, base: Surface, model: str, rate: float
+) -> list[dict[str, Any]]:
+    """The upstream directly, then the relay's text and SSE surfaces, at one offered rate."""
+    options = {"rate": rate, "duration": plan.s1_duration, "timeout": 30}
+    baseline, _ = run_load(bench, base, model, **options, record_gaps=True)
+    runs = [{**baseline, "rate": rate}]
+    for surface in (relay.text(), relay.sse()):
+        worker = relay.worker_pids[0]
+        cpu_before, waited_before = cpu_seconds(worker), run_queue_seconds(worker)
+        started = time.monotonic()
+        summary, _ = run_load(bench, surface, model, **options, record_gaps=True)
+        cpu = (cpu_seconds(worker) - cpu_before) / (time.monotonic() - started)
+        waited = run_queue_seconds(worker) - waited_before
+        summary.update(rate=rate, worker_cpu=round(cpu, 3))
+        if summary["requests"]:
+            summary["worker_waited_ms"] = round(waited * 1000 / summary["requests"], 3)
+        summary["overhead"] = _overhead(summary, baseline)
+        runs.append(summary)
+    return runs
 
 
 def gateway(

@@ -134,7 +134,7 @@ def errors_in(results: dict[str, Any]) -> list[str]:
     for name, result in results.items():
         if "error" in result:
             found.append(f"{name}: {result['error']}")
-        for run_ in result.get("runs", []):
+        for run_ in result.get("runs", []) + result.get("repeats", []):
             if run_.get("errors"):
                 found.append(f"{name} {run_['surface']}: {run_['errors']}")
     return found
