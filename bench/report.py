@@ -138,7 +138,8 @@ def _scenario1(result: dict[str, Any]) -> str:
         "text surface the upstream's first content event is the baseline); *ratio* is relay ÷ "
         "direct. *Worker CPU* is the relay worker's CPU use over the run (1.0 = one core); "
         "*worker waiting for a CPU* is how long, per request, the worker was ready to run but "
-        "waited for a core the load generator or the upstream held (Linux's schedstat). "
+        "waited for a core another process held, here the load generator or the upstream "
+        "(Linux's schedstat). "
         "Percentiles are over the requests that were answered; requests that timed out "
         "(30 s) are in *errors*, so a saturated run looks better than it is.\n\n"
     )
