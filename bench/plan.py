@@ -19,8 +19,8 @@ class Plan:
     s1_timing: Timing = field(default_factory=lambda: Timing(ttft=0.05, tokens=20, gap=0.02))
     s1_rates: list[float] = field(default_factory=lambda: [50, 100, 200, 400])
     s1_duration: float = 12
-    # A run's p50 at one rate moves by 0.1-0.3 ms from one relay process to the next, so the
-    # targets' rate is measured again with new relays and the targets take the median.
+    # A run's p50 at one rate moves by up to about 0.2 ms from one relay process to the next,
+    # so the targets' rate is measured again through new relays and the targets take the median.
     s1_target_rate: float = 200
     s1_repeats: int = 3
     s1_litellm_rates: list[float] = field(default_factory=lambda: [50, 100])

@@ -1,5 +1,5 @@
 """The processes a benchmark starts (upstream, relay, LiteLLM, load generator) and what /proc says
-about them: resident memory and CPU time.
+about them: resident memory, CPU time and time spent waiting for a CPU.
 
 Each service runs in a session of its own, so stopping it signals exactly the processes it
 started (a gunicorn master and its workers, a LiteLLM proxy and its children) and nothing else.
@@ -66,13 +66,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS_PER_SECOND
 
 
-def run_queue_seconds(pid: int) -> float:
-    """How long the process's main thread has waited, runnable, for a CPU (0 once it is gone):
-    on a machine it shares with the load generator, time the service lost to other processes."""
+def run_queue_seconds(pid: int) -> float | None:
+    """How long the process's main thread has waited, runnable, for a CPU; None once it is gone
+    or where the kernel keeps no schedstat. On a machine the service shares with the load
+    generator, time it lost to other tasks."""
     try:
         return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
-        return 0.0
+        return None
 
 
 class PeakMemory:

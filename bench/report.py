@@ -6,11 +6,11 @@ the profile written by hand after a published run, which is included as it stand
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any
 
 from bench.processes import ROOT
+from bench.stats import percentile
 
 ANALYSIS = ROOT / "bench" / "analysis.md"
 
@@ -52,15 +52,15 @@ def _find(result: dict[str, Any], surface: str, **match: Any) -> dict[str, Any] 
 
 
 def _rounds(result: dict[str, Any], surface: str, rate: float) -> list[dict[str, Any]]:
-    """Scenario 1's runs of `surface` at `rate` that have an overhead: the sweep's, then the
-    repeats'."""
+    """Scenario 1's runs of `surface` at `rate`: the sweep's, then the repeats'. (Every relay
+    and LiteLLM run has an overhead; a LiteLLM run without a baseline at its rate has none.)"""
     runs = result.get("runs", []) + result.get("repeats", [])
     return [r for r in runs if r["surface"] == surface and r["rate"] == rate and r.get("overhead")]
 
 
 def _median(values: list[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return round(statistics.median(known), 3) if known else None
+    middle = percentile([v for v in values if v is not None], 50)
+    return None if middle is None else round(middle, 3)
 
 
 def targets(results: dict[str, Any]) -> list[list[str]]:
@@ -71,8 +71,9 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
         return "not measured" if ok is None else ("**PASS**" if ok else "**MISS**")
 
     s1 = results.get("scenario1", {})
+    target_rate = s1.get("target_rate", 200)
     for surface in ("relay-text", "relay-sse"):
-        rounds = _rounds(s1, surface, 200)
+        rounds = _rounds(s1, surface, target_rate)
         p50 = _median([run["overhead"]["p50"] for run in rounds])
         p99 = _median([run["overhead"]["p99"] for run in rounds])
         errors = sum(sum((run["errors"] or {}).values()) for run in rounds) if rounds else None
@@ -80,10 +81,10 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
         each = ""
         if len(rounds) > 1:
             figures = ", ".join(_ms(run["overhead"]["p50"], 2) for run in rounds)
-            each = f" (medians of {len(rounds)} runs, each through a new relay: p50 {figures})"
+            each = f" (medians of {len(rounds)} runs, each through a relay of its own: {figures})"
         rows.append(
             [
-                f"TTFT overhead at 200 req/s, {surface}: p50 ≤ 1 ms, p99 ≤ 5 ms",
+                f"TTFT overhead at {target_rate:g} req/s, {surface}: p50 ≤ 1 ms, p99 ≤ 5 ms",
                 f"p50 {_ms(p50, 2)}, p99 {_ms(p99, 2)}, errors "
                 f"{MISSING if errors is None else errors}{each}",
                 verdict(ok),
@@ -138,7 +139,7 @@ def _scenario1(result: dict[str, Any]) -> str:
         "text surface the upstream's first content event is the baseline); *ratio* is relay ÷ "
         "direct. *Worker CPU* is the relay worker's CPU use over the run (1.0 = one core); "
         "*worker waiting for a CPU* is how long, per request, the worker was ready to run but "
-        "waited for a core another process held, here the load generator or the upstream "
+        "waited for a core another task held, mostly the load generator and the upstream "
         "(Linux's schedstat). "
         "Percentiles are over the requests that were answered; requests that timed out "
         "(30 s) are in *errors*, so a saturated run looks better than it is.\n\n"
@@ -173,7 +174,7 @@ def _repeats(result: dict[str, Any]) -> str:
     repeats = result.get("repeats") or []
     if not repeats:
         return ""
-    rate = repeats[0]["rate"]
+    rate = result.get("target_rate", repeats[0]["rate"])
     text = (
         f"\nAt {rate:g} req/s, the targets' rate, again: each round after the first through a "
         "relay started for it (round 1 is the sweep's row above). A run's p50 moves by tenths "

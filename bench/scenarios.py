@@ -62,7 +62,7 @@ def added_latency(
     Per offered rate: the upstream directly, then the relay's text and SSE surfaces (one
     worker), then LiteLLM's proxy at the rates it can take at all; the relay worker's CPU use
     over each run tells how close it is to saturation. The targets' rate is then measured
-    again (`repeats`), each time through a new relay.
+    again (`repeats`), each time through a relay started for it.
     """
     model = model_name(plan.s1_timing)
     runs: list[dict[str, Any]] = []
@@ -74,6 +74,7 @@ def added_latency(
             bench.say(f"scenario 1 at {rate:g} requests/s")
             runs += _at_rate(bench, plan, relay, base, model, rate)
     repeats: list[dict[str, Any]] = []
+    # Round 1 is the sweep's run at the targets' rate; a sweep without that rate has none.
     rounds = plan.s1_repeats if plan.s1_target_rate in plan.s1_rates else 1
     for round_ in range(2, rounds + 1):
         with relay_for(bench) as relay:
@@ -105,6 +106,7 @@ def added_latency(
         "timing": plan.s1_timing.__dict__,
         "duration": plan.s1_duration,
         "runs": runs,
+        "target_rate": plan.s1_target_rate,
         "repeats": repeats,
     }
 
@@ -122,9 +124,10 @@ def _at_rate(
         started = time.monotonic()
         summary, _ = run_load(bench, surface, model, **options, record_gaps=True)
         cpu = (cpu_seconds(worker) - cpu_before) / (time.monotonic() - started)
-        waited = run_queue_seconds(worker) - waited_before
+        waited_after = run_queue_seconds(worker)
         summary.update(rate=rate, worker_cpu=round(cpu, 3))
-        if summary["requests"]:
+        if waited_before is not None and waited_after is not None and summary["requests"]:
+            waited = max(waited_after - waited_before, 0)
             summary["worker_waited_ms"] = round(waited * 1000 / summary["requests"], 3)
         summary["overhead"] = _overhead(summary, baseline)
         runs.append(summary)

@@ -136,7 +136,9 @@ def errors_in(results: dict[str, Any]) -> list[str]:
             found.append(f"{name}: {result['error']}")
         for run_ in result.get("runs", []) + result.get("repeats", []):
             if run_.get("errors"):
-                found.append(f"{name} {run_['surface']}: {run_['errors']}")
+                where = f" at {run_['rate']:g} req/s" if "rate" in run_ else ""
+                where += f", round {run_['round']}" if "round" in run_ else ""
+                found.append(f"{name} {run_['surface']}{where}: {run_['errors']}")
     return found
 
 
