@@ -44,24 +44,25 @@ def draw_all(document: dict[str, Any], folder: Path) -> list[Path]:
     return drawn
 
 
+def _overheads(runs: list[dict[str, Any]], surface: str, key: str) -> list[tuple[float, float]]:
+    """(offered rate, overhead) of `surface`'s runs, floored for the log scale."""
+    return [
+        (run["rate"], max(run["overhead"][key], 0.01))
+        for run in runs
+        if run["surface"] == surface and run.get("overhead", {}).get(key) is not None
+    ]
+
+
 def _overhead(plt: Any, result: dict[str, Any]) -> Any:
     """TTFT overhead (relay or LiteLLM less the upstream itself) against offered rate."""
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for axis, key, title in ((axes[0], "p50", "TTFT overhead p50"), (axes[1], "p99", "p99")):
         for surface in ("relay-text", "relay-sse", "litellm-sse"):
-            points = [
-                (run["rate"], max(run["overhead"][key], 0.01))
-                for run in result["runs"]
-                if run["surface"] == surface and run.get("overhead", {}).get(key) is not None
-            ]
+            points = _overheads(result["runs"], surface, key)
             if points:
                 xs, ys = zip(*points, strict=True)
                 axis.plot(xs, ys, "o-", label=surface, color=COLOURS[surface])
-            again = [
-                (run["rate"], max(run["overhead"][key], 0.01))
-                for run in result.get("repeats", [])
-                if run["surface"] == surface and run.get("overhead", {}).get(key) is not None
-            ]
+            again = _overheads(result.get("repeats", []), surface, key)
             if again:  # the targets' rate, measured again through other relays
                 xs, ys = zip(*again, strict=True)
                 axis.plot(xs, ys, "x", color=COLOURS[surface])

@@ -44,18 +44,25 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _matching(runs: list[dict[str, Any]], surface: str, **match: Any) -> list[dict[str, Any]]:
+    """The runs of `surface` whose fields have the values in `match`, in order."""
+    return [
+        run
+        for run in runs
+        if run["surface"] == surface and all(run.get(k) == v for k, v in match.items())
+    ]
+
+
 def _find(result: dict[str, Any], surface: str, **match: Any) -> dict[str, Any] | None:
-    for run in result.get("runs", []):
-        if run["surface"] == surface and all(run.get(k) == v for k, v in match.items()):
-            return run
-    return None
+    found = _matching(result.get("runs", []), surface, **match)
+    return found[0] if found else None
 
 
 def _rounds(result: dict[str, Any], surface: str, rate: float) -> list[dict[str, Any]]:
     """Scenario 1's runs of `surface` at `rate`: the sweep's, then the repeats'. (Every relay
     and LiteLLM run has an overhead; a LiteLLM run without a baseline at its rate has none.)"""
     runs = result.get("runs", []) + result.get("repeats", [])
-    return [r for r in runs if r["surface"] == surface and r["rate"] == rate and r.get("overhead")]
+    return [r for r in _matching(runs, surface, rate=rate) if r.get("overhead")]
 
 
 def _median(values: list[float | None]) -> float | None:
