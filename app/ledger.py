@@ -215,7 +215,8 @@ class Ledger:
         stream.on_close(record)
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every queued row is written; False if that took longer than `timeout`."""
+        """Wait until every queued row is written and its listeners told; False if that took
+        longer than `timeout`."""
         deadline = time.monotonic() + timeout
         while self._pending and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -310,11 +311,13 @@ class Ledger:
             connection.execute(usage.insert(), rows)
 
     def _written(self, rows: list[dict[str, Any]]) -> None:
+        """Count the rows written once the listeners have them, so that a flush also waits for
+        the spend figures: a restart seeding them from the database must not see a cost twice."""
+        self._tell_listeners(rows)
         with self._counts:
             self.written += len(rows)
             self._pending -= len(rows)
         LEDGER_DEPTH.set(self.depth)
-        self._tell_listeners(rows)
 
     def _drop(self, count: int) -> None:
         with self._counts:

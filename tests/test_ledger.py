@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -330,3 +331,18 @@ def test_the_database_going_away_mid_run_fails_no_chat_and_loses_no_row(fake, ou
     assert app.extensions["relay.ledger"].flush(60)
     assert len(rows(app)) == 7
     assert app.extensions["relay.ledger"].dropped == 0
+
+
+def test_a_flush_waits_for_the_listeners_of_the_rows_it_waited_for(app):
+    ledger = app.extensions["relay.ledger"]
+    heard: list[str] = []
+
+    def slow_listener(row: dict) -> None:
+        time.sleep(0.3)
+        heard.append(row["model_requested"])
+
+    ledger.listeners.append(slow_listener)
+    ledger.record(UsageRow("team-a", "openai", "m/first"))
+    ledger.record(UsageRow("team-a", "openai", "m/second"))
+    assert ledger.flush(10)
+    assert heard == ["m/first", "m/second"]
