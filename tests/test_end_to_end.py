@@ -70,6 +70,8 @@ def test_a_hundred_concurrent_streams_on_one_worker_all_complete(relay, fake):
     assert results == ["".join(tokens).lstrip()] * 100
     upstream = fake.requests_for("m/many")
     assert len(upstream) == 100
+    # The fake stamps a stream's end after its last write, which the client may read first.
+    assert fake.wait_for(lambda: all(r.finished is not None for r in upstream), 5)
     # The streams ran side by side on the single worker, not one after another.
     assert most_at_once(upstream) >= 50
 
