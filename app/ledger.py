@@ -311,19 +311,20 @@ class Ledger:
             connection.execute(usage.insert(), rows)
 
     def _written(self, rows: list[dict[str, Any]]) -> None:
-        """Count the rows written once the listeners have them, so that a flush also waits for
-        the spend figures: a restart seeding them from the database must not see a cost twice."""
+        """Count the rows written once the listeners and the gauge have them, so that a flush
+        also waits for the spend figures: a restart seeding them from the database must not see
+        a cost twice."""
         self._tell_listeners(rows)
+        LEDGER_DEPTH.set(self.depth)
         with self._counts:
             self.written += len(rows)
             self._pending -= len(rows)
-        LEDGER_DEPTH.set(self.depth)
 
     def _drop(self, count: int) -> None:
+        LEDGER_DROPPED.inc(count)
         with self._counts:
             self.dropped += count
             self._pending -= count
-        LEDGER_DROPPED.inc(count)
 
     def _tell_listeners(self, batch: list[dict[str, Any]]) -> None:
         for row in batch:

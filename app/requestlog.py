@@ -109,16 +109,20 @@ def finish(record: RequestRecord, status: int) -> None:
         "retries": row.retries if row else 0,
         "client": record.client,
     }
+    _count(record.surface, status, model, row if went_upstream else None, duration)
+    # The line comes last: whoever sees it (a test, a log shipper) finds the request counted.
     access_log.info("%s %s %s", record.method, record.path, status, extra={"fields": line})
 
-    REQUESTS.labels(record.surface, str(status), model).inc()
-    if not went_upstream:
+
+def _count(surface: str, status: int, model: str, row: UsageRow | None, duration: float) -> None:
+    REQUESTS.labels(surface, str(status), model).inc()
+    if row is None:
         return
     # Profile names are few; one series per bring-your-own key would be a series per caller.
     profile = "byok" if row.caller.startswith("byok:") else row.caller
     if row.ttft_ms is not None:
-        TIME_TO_FIRST_TOKEN.labels(record.surface).observe(row.ttft_ms / 1000)
-    STREAM_DURATION.labels(record.surface, row.outcome).observe(duration)
+        TIME_TO_FIRST_TOKEN.labels(surface).observe(row.ttft_ms / 1000)
+    STREAM_DURATION.labels(surface, row.outcome).observe(duration)
     for kind in ("prompt", "completion"):
         count = getattr(row, f"{kind}_tokens")
         if count:
