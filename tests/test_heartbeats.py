@@ -52,7 +52,7 @@ def test_a_fast_source_reaches_a_slow_consumer_whole_in_order_and_held_back():
 
 
 def test_heartbeats_come_while_the_source_is_silent_and_stop_when_it_speaks():
-    source = Items(["first", "second"], slow_at=(1,), pause=0.5)
+    source = Items(["first", "second"], slow_at=(1,), pause=1.0)
     seen = list(HeartbeatReader(lambda: source, interval=0.1))
     assert seen[0] == [] or seen[0] == ["first"]  # the source is open (and maybe read)
     flat = [item for item in seen if item is not HEARTBEAT]
@@ -74,13 +74,16 @@ def test_stopping_closes_the_source_and_the_reader_held_back_reads_no_more():
     source = Items(list(range(10 * MAX_AHEAD)))
     batches = iter(HeartbeatReader(lambda: source, interval=5))
     first = next(batches)
-    time.sleep(0.2)  # the reader fills the queue and waits for it to be taken
-    held = source.yielded
-    assert held <= len(first) + MAX_AHEAD + 1  # what it took, a full queue, the one in hand
+    held = len(first) + MAX_AHEAD + 1  # what it took, a full queue, the one in hand
+    deadline = time.monotonic() + 5
+    while source.yielded < held and time.monotonic() < deadline:
+        time.sleep(0.01)  # the reader fills the queue and waits for it to be taken
+    time.sleep(0.1)
+    assert source.yielded == held
     batches.close()
     time.sleep(0.2)
     assert source.closed
-    assert source.yielded <= held + 1  # the item it held is handed over, and nothing after
+    assert source.yielded == held  # the item it held is handed over, and nothing after
 
 
 def test_stopped_from_elsewhere_while_iterated_the_iteration_ends():
