@@ -65,26 +65,16 @@ def added_latency(
     again (`repeats`), each time through a relay started for it.
     """
     model = model_name(plan.s1_timing)
-    runs: list[dict[str, Any]] = []
     base = direct(bench.upstream_port)
-    with relay_for(bench) as relay:
-        for surface in (relay.text(), relay.sse()):
-            warm_up(bench, plan, surface)
-        for rate in plan.s1_rates:
-            bench.say(f"scenario 1 at {rate:g} requests/s")
-            runs += _at_rate(bench, plan, relay, base, model, rate)
+    runs = _through_one_relay(bench, plan, base, model, plan.s1_rates)
     repeats: list[dict[str, Any]] = []
     # Round 1 is the sweep's run at the targets' rate; a sweep without that rate has none.
     rounds = plan.s1_repeats if plan.s1_target_rate in plan.s1_rates else 1
     for round_ in range(2, rounds + 1):
-        with relay_for(bench) as relay:
-            for surface in (relay.text(), relay.sse()):
-                warm_up(bench, plan, surface)
-            rate = plan.s1_target_rate
-            bench.say(f"scenario 1 at {rate:g} requests/s, round {round_}")
-            repeats += [
-                {**run, "round": round_} for run in _at_rate(bench, plan, relay, base, model, rate)
-            ]
+        again = _through_one_relay(
+            bench, plan, base, model, [plan.s1_target_rate], f", round {round_}"
+        )
+        repeats += [{**run, "round": round_} for run in again]
     litellm = start_litellm() if plan.s1_litellm_rates else None
     if litellm is not None:
         try:
@@ -109,6 +99,20 @@ def added_latency(
         "target_rate": plan.s1_target_rate,
         "repeats": repeats,
     }
+
+
+def _through_one_relay(
+    bench: Bench, plan: Plan, base: Surface, model: str, rates: list[float], label: str = ""
+) -> list[dict[str, Any]]:
+    """`_at_rate` at each of `rates`, through one relay started (and warmed up) for them."""
+    runs: list[dict[str, Any]] = []
+    with relay_for(bench) as relay:
+        for surface in (relay.text(), relay.sse()):
+            warm_up(bench, plan, surface)
+        for rate in rates:
+            bench.say(f"scenario 1 at {rate:g} requests/s{label}")
+            runs += _at_rate(bench, plan, relay, base, model, rate)
+    return runs
 
 
 def _at_rate(

@@ -98,6 +98,16 @@ class Received:
         return None
 
 
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Whether `predicate` came true within `timeout` seconds (polled every 10 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
 class FakeOpenRouter:
     """OpenRouter on 127.0.0.1: chat completions (streamed or not) and the model list."""
 
@@ -171,13 +181,7 @@ class FakeOpenRouter:
     def requests_for(self, model: str) -> list[Received]:
         return [r for r in list(self.received) if _model_of(r.body) == model]
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.01)
-        return predicate()
+    wait_for = staticmethod(wait_for)
 
     def scenario_for(self, body: Any) -> Scenario:
         with self._lock:

@@ -13,6 +13,7 @@ import pytest
 
 from app.heartbeats import HEARTBEAT, MAX_AHEAD, HeartbeatReader
 from tests.conftest import run_under_gevent
+from tests.fake_openrouter import wait_for
 
 
 class Items:
@@ -75,9 +76,7 @@ def test_stopping_closes_the_source_and_the_reader_held_back_reads_no_more():
     batches = iter(HeartbeatReader(lambda: source, interval=5))
     first = next(batches)
     held = len(first) + MAX_AHEAD + 1  # what it took, a full queue, the one in hand
-    deadline = time.monotonic() + 5
-    while source.yielded < held and time.monotonic() < deadline:
-        time.sleep(0.01)  # the reader fills the queue and waits for it to be taken
+    wait_for(lambda: source.yielded >= held)  # the reader fills the queue, waits for it to empty
     time.sleep(0.1)
     assert source.yielded == held
     batches.close()
