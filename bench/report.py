@@ -404,6 +404,18 @@ def _sharing(others: dict[str, Any]) -> str:
     return line + ".\n\n"
 
 
+def _speed(machine: dict[str, Any]) -> str:
+    """The machine's speed, when the run measured it (runs before the probe was added did not)."""
+    if "cpu_probe_us" not in machine:
+        return ""
+    return (
+        f'- speed: `python3 -m timeit "sum(range(10000))"` took {machine["cpu_probe_us"]:g} µs '
+        f"before the run and {machine['cpu_probe_after_us']:g} µs after. Machines of "
+        "this kind have measured from 93 to 320 µs, and the relay's figures move with "
+        "them: compare runs whose machines read about the same.\n"
+    )
+
+
 def render(document: dict[str, Any], images: list[Path], image_dir: Path | None) -> str:
     """The whole BENCHMARKS.md (or a partial run's report) as text."""
     machine = document["machine"]
@@ -430,6 +442,7 @@ def render(document: dict[str, Any], images: list[Path], image_dir: Path | None)
         f"- {machine['nproc']} cores ({machine['cpu']}), {machine['memory_gb']} GB, Linux "
         f"{machine['kernel']}, Python {machine['python']}\n",
         f"- load average before the run: {', '.join(str(x) for x in machine['load_before'])}\n",
+        _speed(machine),
         "- The two cores are shared by the load generator, the fake upstream and the service "
         "under test, so no figure here is of a service with a machine to itself.\n",
         _sharing(document.get("others", {})),

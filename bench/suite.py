@@ -17,6 +17,7 @@ import platform
 import sys
 import tempfile
 import time
+import timeit
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,20 @@ def machine_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "load_before": [round(x, 2) for x in os.getloadavg()],
+        "cpu_probe_us": cpu_probe_us(),
     }
+
+
+def cpu_probe_us() -> float:
+    """How long this machine takes over a fixed piece of Python, in microseconds: the figure
+    `python3 -m timeit "sum(range(10000))"` prints (the best of five timings, per run of the sum).
+
+    Machines of this kind have differed by a factor of three or more from one session to the
+    next, and the relay's figures with them; a run's figures compare only with runs on a machine
+    whose probe reads about the same. Taken before and after the run, in about half a second.
+    """
+    timings = timeit.Timer("sum(range(10000))").repeat(repeat=5, number=1000)
+    return round(min(timings) / 1000 * 1e6, 1)
 
 
 def _busy_seconds() -> float:
@@ -215,6 +229,7 @@ def main() -> int:
         upstream.stop()
     wall = time.monotonic() - started
     others = _busy_seconds() - busy_before - (_our_seconds() - ours_before)
+    facts["cpu_probe_after_us"] = cpu_probe_us()
     document = {
         "machine": facts,
         "others": {
