@@ -410,9 +410,8 @@ def _speed(machine: dict[str, Any]) -> str:
         return ""
     return (
         f'- speed: `python3 -m timeit "sum(range(10000))"` took {machine["cpu_probe_us"]:g} µs '
-        f"before the run and {machine['cpu_probe_after_us']:g} µs after. Machines of "
-        "this kind have measured from 93 to 320 µs, and the relay's figures move with "
-        "them: compare runs whose machines read about the same.\n"
+        f"before the run and {machine['cpu_probe_after_us']:g} µs after. The relay's figures "
+        "move with the machine's speed: compare runs whose machines read about the same.\n"
     )
 
 
