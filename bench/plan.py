@@ -39,6 +39,9 @@ class Plan:
     s4_duration: float = 10
     profile_rate: float = 200
     profile_seconds: float = 8
+    instr_requests: int = 50  # per batch
+    instr_batches: int = 3
+    instr_tokens: int = 20  # the further tokens, 20 ms apart, that part a request's cost
     warm_up: bool = True
 
     @property

@@ -387,6 +387,28 @@ def _profiles(result: dict[str, Any], results: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _instructions(result: dict[str, Any]) -> str:
+    """The instruction counts (bench/instructions.py): the same on a fast machine and a slow one."""
+    if "error" in result or "unavailable" in result:
+        return f"Not counted: {result.get('error') or result['unavailable']}\n"
+    text = (
+        "What the relay's worker executes per request, counted by callgrind (valgrind) in user "
+        "space: unlike the timings above, the same on any machine for the same code and "
+        f"libraries. Batches of {result['requests']} requests one after another on one "
+        "keep-alive connection; the median of the batches. A *further token* is the difference "
+        f"between 1 + {result['tokens']} tokens 20 ms apart and one token, over "
+        f"{result['tokens']}. The kernel's work (system calls, TCP) is not counted.\n\n"
+    )
+    rows = []
+    for row in result["rows"]:
+        batches = row.get("batches")
+        spread = MISSING
+        if batches:
+            spread = f"{(max(batches) - min(batches)) / row['median'] * 100:.1f} %"
+        rows.append([row["request"], f"{row['median']:,.0f}", spread])
+    return text + _table(["request", "instructions per request", "spread of batches"], rows)
+
+
 def _sharing(others: dict[str, Any]) -> str:
     """Whether processes outside the benchmark used the machine while it ran."""
     if not others:
@@ -431,7 +453,8 @@ def render(document: dict[str, Any], images: list[Path], image_dir: Path | None)
         "not edit by hand (run it again). Raw figures: `bench/results/results.json`.\n\n",
         "## How to run\n\n",
         "```sh\nbench/run                 # everything: writes BENCHMARKS.md and bench/results/\n"
-        "bench/run scenario1       # one scenario (scenario1..4, profile): bench/results/tmp/\n"
+        "bench/run scenario1       # one scenario (scenario1..4, profile, instructions): "
+        "bench/results/tmp/\n"
         "bench/run --smoke         # ten seconds, relay only, exits non-zero on any error\n```\n\n"
         "`bench/run` creates `bench/.venv` (the project, editable, plus matplotlib, uvloop and "
         "py-spy) and `bench/.venv-litellm` (`litellm[proxy]`) on first use. The fake upstream "
@@ -483,6 +506,9 @@ def render(document: dict[str, Any], images: list[Path], image_dir: Path | None)
     out.append(
         _profiles(results["profile"], results) if "profile" in results else "Not profiled.\n"
     )
+    if "instructions" in results:
+        out.append("\n### Work per request, in instructions\n\n")
+        out.append(_instructions(results["instructions"]))
     if ANALYSIS.exists() and image_dir is None:
         out.append("\n### Reading of the profile\n\n" + ANALYSIS.read_text())
     out.append("\n## Run log\n\n```\n" + "\n".join(document["log"]) + "\n```\n")

@@ -1,9 +1,11 @@
 """The benchmark suite's entry point (`bench/run` calls `python -m bench.suite`).
 
-- No scenario named: the full run. Every scenario, LiteLLM compared, the profile; it writes
-  BENCHMARKS.md, bench/results/*.png, the flame graphs and bench/results/results.json.
-- Scenario names (`scenario1` ... `scenario4`, `profile`): only those; the report and plots go
-  to bench/results/tmp/<time>/ so that a partial run never overwrites the published one.
+- No scenario named: the full run. Every scenario, LiteLLM compared, the profile, the
+  instruction counts (under valgrind); it writes BENCHMARKS.md, bench/results/*.png, the flame
+  graphs and bench/results/results.json.
+- Scenario names (`scenario1` ... `scenario4`, `profile`, `instructions`): only those; the report
+  and plots go to bench/results/tmp/<time>/ so that a partial run never overwrites the published
+  one.
 - `--smoke`: every scenario at toy size against one relay, no LiteLLM, no plots, the report in
   a temporary folder; exits non-zero if any request failed.
 """
@@ -22,14 +24,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench import plots, profiling, report, scenarios
+from bench import instructions, plots, profiling, report, scenarios
 from bench.fake_upstream import Timing, timing_for
 from bench.measure import Bench
 from bench.plan import FULL, SMOKE, Plan
 from bench.processes import ROOT
 from bench.targets import LiteLLM, Relay, litellm_installed, start_upstream
 
-SCENARIOS = ("scenario1", "scenario2", "scenario3", "scenario4", "profile")
+SCENARIOS = ("scenario1", "scenario2", "scenario3", "scenario4", "profile", "instructions")
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -118,6 +120,8 @@ def run(plan: Plan, chosen: list[str], bench: Bench, results_dir: Path) -> dict[
                 results[name] = scenarios.throughput(bench, plan)
             elif name == "profile":
                 results[name] = profiling.profile_relay(bench, plan, results_dir)
+            elif name == "instructions":
+                results[name] = instructions.count_instructions(bench, plan)
         except Exception as error:  # the other scenarios still run; the report says what broke
             bench.say(f"{name} failed: {error!r}")
             results[name] = {"error": f"{type(error).__name__}: {error}"}
@@ -194,7 +198,7 @@ def main() -> int:
     full = not args.smoke and not args.scenarios
     chosen = list(args.scenarios or SCENARIOS)
     if args.smoke:
-        chosen = [name for name in chosen if name != "profile"]
+        chosen = [name for name in chosen if name not in ("profile", "instructions")]
     if args.set and full:
         parser.error("--set changes the plan: name the scenarios too, so that BENCHMARKS.md stays")
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -55,7 +55,16 @@ def start_upstream(python: str, workdir: Path) -> tuple[Service, int]:
 class Relay:
     """The relay as the Procfile runs it (gunicorn, gevent workers), on the working tree's code."""
 
-    def __init__(self, python: str, workdir: Path, upstream_port: int, **settings: Any) -> None:
+    def __init__(
+        self,
+        python: str,
+        workdir: Path,
+        upstream_port: int,
+        under: list[str] | None = None,
+        **settings: Any,
+    ) -> None:
+        """`under` prefixes gunicorn's command (a tool it runs under, such as valgrind);
+        `settings` are environment variables (lower case allowed)."""
         self.port = free_port()
         bin_dir = Path(python).parent
         self.workdir = workdir
@@ -76,6 +85,8 @@ class Relay:
         self.workers = int(self.env["WEB_CONCURRENCY"])
         self.flask = str(bin_dir / "flask")
         command = [str(bin_dir / "gunicorn"), "--config", "gunicorn.conf.py", "wsgi:app"]
+        command = [*(under or []), *command]
+        self.start_timeout = 60.0 if under is None else 300.0  # valgrind: several times slower
         self.service = Service("relay", command, self.env, workdir / f"relay-{self.port}.log")
 
     def __enter__(self) -> Relay:
@@ -83,7 +94,7 @@ class Relay:
         done = subprocess.run(migrate, cwd=ROOT, env=self.env, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"flask db upgrade failed: {done.stderr[-2000:]}")
-        self.service.start(self.port, "/healthz")
+        self.service.start(self.port, "/healthz", self.start_timeout)
         for _ in range(100):
             if len(children(self.service.pid)) >= self.workers:
                 break

@@ -1,0 +1,121 @@
+"""Work per request counted in instructions: what the relay's code costs, on any machine.
+
+The timed figures move with the machine: machines of this kind have differed by a factor of two
+or more from one session to the next (the report's speed line), so a change worth 5 % of a
+request's CPU cannot be seen across sessions, and often not within one. callgrind (valgrind)
+counts the instructions the worker executes in user space, and the same code, libraries and
+requests give the same count whatever the machine's speed or load. The kernel's share (system
+calls, the TCP stack) is not counted, nor what an instruction costs.
+
+One relay worker runs under callgrind, instrumented only once it has started. Per kind of
+request: the counters are zeroed, a batch of requests goes one after another on one keep-alive
+connection, the counters are dumped (`callgrind_control`); a figure is the median of the
+batches, per request. Two shapes of one request part its cost: one token (the whole request,
+its first token included) and 1 + N tokens 20 ms apart (each its own read and write, as in
+scenario 1), whose difference over N is the cost of each further token.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.fake_upstream import Timing, model_name
+from bench.measure import Bench
+from bench.plan import Plan
+from bench.targets import Relay
+
+ONE_TOKEN = model_name(Timing(ttft=0.0, tokens=1, gap=0.0))
+
+
+def count_instructions(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """Instructions per request on both surfaces, and for a request that does nothing."""
+    missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
+    if missing:
+        return {"unavailable": f"{' and '.join(missing)} not found (Debian's package valgrind)"}
+    out = bench.workdir / "callgrind"
+    out.mkdir(exist_ok=True)
+    under = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",  # the worker starts in seconds, not a minute
+        "--trace-children=yes",  # else callgrind_control cannot reach the forked worker (3.19)
+        f"--callgrind-out-file={out}/callgrind.%p",
+    ]
+    with Relay(bench.python, bench.workdir, bench.upstream_port, under=under) as relay:
+        (worker,) = relay.worker_pids
+        counter = _Counter(worker, out)
+        counter.control("--instr=on")
+        text, sse = relay.text(), relay.sse()
+        more = model_name(Timing(ttft=0.0, tokens=1 + plan.instr_tokens, gap=0.02))
+        kinds: list[tuple[str, str, dict[str, Any] | None]] = [
+            ("GET /healthz (does nothing)", "/healthz", None),
+            ("relay-text, one token", text.path, text.body(ONE_TOKEN)),
+            (f"relay-text, 1 + {plan.instr_tokens} tokens", text.path, text.body(more)),
+            ("relay-sse, one token", sse.path, sse.body(ONE_TOKEN)),
+            (f"relay-sse, 1 + {plan.instr_tokens} tokens", sse.path, sse.body(more)),
+        ]
+        rows = []
+        for name, path, body in kinds:
+            bench.say(f"instructions: {name}")
+            _send(relay.port, path, body, plan.instr_requests)  # warm: instrumented code, caches
+            batches = []
+            for _ in range(plan.instr_batches):
+                counter.control("--zero")
+                _send(relay.port, path, body, plan.instr_requests)
+                batches.append(counter.dump() / plan.instr_requests)
+            rows.append({"request": name, "batches": batches, "median": statistics.median(batches)})
+    for surface in ("relay-text", "relay-sse"):
+        one, more = (row["median"] for row in rows if row["request"].startswith(surface + ","))
+        further = (more - one) / plan.instr_tokens
+        rows.append({"request": f"{surface}, each further token", "median": further})
+    return {"requests": plan.instr_requests, "tokens": plan.instr_tokens, "rows": rows}
+
+
+class _Counter:
+    """callgrind's counters in one process: zeroed, then dumped and read back."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.pid = pid
+        self.out = out
+        self.dumps = 0
+
+    def control(self, *args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(self.pid)], check=True, capture_output=True)
+
+    def dump(self) -> int:
+        """The instructions counted since the last zero. The dump is written by the worker once
+        it next runs, after callgrind_control has returned."""
+        self.control("--dump")
+        self.dumps += 1
+        dump = self.out / f"callgrind.{self.pid}.{self.dumps}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            text = dump.read_text() if dump.exists() else ""
+            if "\ntotals:" in text:  # the last line: the file is whole
+                return int(text.split("\nsummary:", 1)[1].split(None, 1)[0])
+            time.sleep(0.1)
+        raise RuntimeError(f"callgrind wrote no {dump.name} within 60 s")
+
+
+def _send(port: int, path: str, body: dict[str, Any] | None, count: int) -> None:
+    """`count` requests one after another on one connection, each read to its end (a GET when
+    there is no body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    payload = None if body is None else json.dumps(body).encode()
+    headers = {} if body is None else {"Content-Type": "application/json"}
+    try:
+        for _ in range(count):
+            connection.request("GET" if body is None else "POST", path, payload, headers)
+            response = connection.getresponse()
+            answer = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{path} answered {response.status}: {answer[:200]!r}")
+    finally:
+        connection.close()
