@@ -93,11 +93,14 @@ class _Nudge:
     gevent runs from a prepare watcher: just before the loop sleeps in the kernel until its next
     timer or socket. Callbacks queued there (an Event set, a greenlet started, `sleep(0)`) would
     wait for that wake-up, up to a heartbeat interval; a zero timer makes the loop look again at
-    once.
+    once. Only then: a timer started after every switch costs the loop a turn per hand-over.
     """
 
     def __init__(self, hub: Any) -> None:
         self._timer = hub.loop.timer(0)
+        # gevent's queue of callbacks, one object for the loop's life; were it ever renamed, a
+        # queue that always holds one, and the timer starts after every switch as it used to.
+        self._callbacks = getattr(hub.loop, "_callbacks", [_nothing])
 
     def feed_switch(self, watcher: Any, switch: Callable[..., Any], *args: Any) -> None:
         watcher.feed(0, self._switch, switch, *args)
@@ -106,7 +109,7 @@ class _Nudge:
         try:
             switch(*args)
         finally:
-            if not self._timer.active:
+            if self._callbacks and not self._timer.active:
                 self._timer.start(_nothing)
 
 

@@ -64,14 +64,23 @@ _UNDER_GEVENT = textwrap.dedent(
     print(race(lambda order: start_thread(order.append, "started")))
 
     # A source faster than its consumer: the reader is held back and woken again and again, and
-    # every wake-up comes from gevent's callbacks (sleep(0), Event), none after a heartbeat.
+    # every wake-up comes from gevent's callbacks (sleep(0), Event), none after a heartbeat or
+    # after the held reader's own time-out (half a second: a stall).
+    import time
+
     from app.heartbeats import HEARTBEAT, HeartbeatReader
 
     class Fast:
+        stalls = 0
+
         def __iter__(self):
+            last = time.monotonic()
             for item in range(2000):
                 if not item % 32:
                     gevent.sleep(0)
+                now = time.monotonic()
+                Fast.stalls += now - last > 0.4
+                last = now
                 yield item
 
         def close(self):
@@ -79,7 +88,7 @@ _UNDER_GEVENT = textwrap.dedent(
 
     batches = list(HeartbeatReader(Fast, 5.0))
     items = [item for batch in batches if batch is not HEARTBEAT for item in batch]
-    print(len(items), batches.count(HEARTBEAT))
+    print(len(items), batches.count(HEARTBEAT), Fast.stalls)
 
     # A new thread runs before its starter goes on, which resumes once the thread first waits
     # (or ends); a starter woken by something else meanwhile is not switched back to later.
@@ -128,7 +137,7 @@ def test_a_reader_wakes_its_consumer_and_starts_before_anything_else():
     printed = run_under_gevent(_UNDER_GEVENT).split("\n")
     assert printed.pop(0) == "a thread started before the loop runs"
     assert printed[:2] == ["reader, woken True, other stream", "reader, started, other stream"]
-    assert printed[2] == "2000 0"
+    assert printed[2] == "2000 0 0"
     assert printed[3:5] == [
         "thread, starter, thread that ends, starter again, thread again",
         "killed, slept",
