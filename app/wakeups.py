@@ -28,6 +28,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
+# Imported here, not where used: an import statement costs a microsecond or two even when the
+# module is loaded, and these ran up to four times on the path to each SSE upstream call.
+# Importing gevent patches nothing; whether the worker has patched is looked up at each use.
+from gevent import get_hub
+from gevent.hub import Waiter
+from greenlet import getcurrent, greenlet
+
 HIGHEST_PRIORITY = 2  # libev's highest (EV_MAXPRI); gevent's own watchers are at 0
 
 
@@ -51,8 +58,6 @@ def start_thread(function: Callable[..., Any], *args: Any) -> None:
     if hub is None:
         _thread.start_new_thread(function, args)
         return
-    from greenlet import getcurrent, greenlet
-
     runner = greenlet(function, parent=hub)  # a gevent Greenlet starts from the loop's callbacks
     caller = getcurrent()
     nudge, watcher = _nudge_for(hub), hub.loop.check(priority=HIGHEST_PRIORITY)
@@ -133,8 +138,6 @@ def _libev_hub() -> Any:
     monkey = sys.modules.get("gevent.monkey")
     if monkey is None or not monkey.is_module_patched("threading"):
         return None
-    from gevent import get_hub
-
     hub = get_hub()
     return hub if type(hub.loop).__module__.startswith("gevent.libev") else None
 
@@ -143,8 +146,6 @@ class _PromptArrival:
     """threading.Event's set, clear and wait, for one greenlet waiting at a time, in one thread."""
 
     def __init__(self, hub: Any) -> None:
-        from gevent.hub import Waiter
-
         self._hub = hub
         self._nudge = _nudge_for(hub)
         self._new_waiter = Waiter
