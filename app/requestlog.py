@@ -46,8 +46,8 @@ class RequestRecord:
 
 
 def request_id_for(header: str | None) -> str:
-    """The router's X-Request-ID when it is a sane token, else a new one: 128 random bits in hex,
-    as uuid4().hex reads but without its object, a fifth of the cost."""
+    """The router's X-Request-ID when it is a sane token, else a new one: 128 random bits as 32
+    hex characters (uuid4().hex costs five times as much, for a UUID object)."""
     if header and _REQUEST_ID.fullmatch(header):
         return header
     return os.urandom(16).hex()

@@ -1,11 +1,15 @@
-"""Work per request counted in instructions: what the relay's code costs, on any machine.
+"""Work per request counted in instructions: what the relay's code costs, whatever the machine's
+speed.
 
 The timed figures move with the machine: machines of this kind have differed by a factor of two
 or more from one session to the next (the report's speed line), so a change worth 5 % of a
 request's CPU cannot be seen across sessions, and often not within one. callgrind (valgrind)
-counts the instructions the worker executes in user space, and the same code, libraries and
-requests give the same count whatever the machine's speed or load. The kernel's share (system
-calls, the TCP stack) is not counted, nor what an instruction costs.
+counts the instructions the worker executes in user space, and the same code, libraries, Python
+and valgrind give the same count, to a few tenths of a percent, on a fast machine or a slow one,
+loaded or not. Not quite the same: the worker's periodic work (the ledger's quarter-second writes,
+the stall sweeper) runs by the clock, and tokens 20 ms apart must stay separate reads, which a
+machine many times slower than these would not keep. The kernel's share (system calls, the TCP
+stack) is not counted, nor what an instruction costs.
 
 One relay worker runs under callgrind, instrumented only once it has started. Per kind of
 request: the counters are zeroed, a batch of requests goes one after another on one keep-alive
@@ -53,13 +57,13 @@ def count_instructions(bench: Bench, plan: Plan) -> dict[str, Any]:
         counter = _Counter(worker, out)
         counter.control("--instr=on")
         text, sse = relay.text(), relay.sse()
-        more = model_name(Timing(ttft=0.0, tokens=1 + plan.instr_tokens, gap=0.02))
+        spaced = model_name(Timing(ttft=0.0, tokens=1 + plan.instr_tokens, gap=0.02))
         kinds: list[tuple[str, str, dict[str, Any] | None]] = [
             ("GET /healthz (does nothing)", "/healthz", None),
             ("relay-text, one token", text.path, text.body(ONE_TOKEN)),
-            (f"relay-text, 1 + {plan.instr_tokens} tokens", text.path, text.body(more)),
+            (f"relay-text, 1 + {plan.instr_tokens} tokens", text.path, text.body(spaced)),
             ("relay-sse, one token", sse.path, sse.body(ONE_TOKEN)),
-            (f"relay-sse, 1 + {plan.instr_tokens} tokens", sse.path, sse.body(more)),
+            (f"relay-sse, 1 + {plan.instr_tokens} tokens", sse.path, sse.body(spaced)),
         ]
         rows = []
         for name, path, body in kinds:
@@ -72,10 +76,17 @@ def count_instructions(bench: Bench, plan: Plan) -> dict[str, Any]:
                 batches.append(counter.dump() / plan.instr_requests)
             rows.append({"request": name, "batches": batches, "median": statistics.median(batches)})
     for surface in ("relay-text", "relay-sse"):
-        one, more = (row["median"] for row in rows if row["request"].startswith(surface + ","))
-        further = (more - one) / plan.instr_tokens
+        one, longer = (row["median"] for row in rows if row["request"].startswith(surface + ","))
+        further = (longer - one) / plan.instr_tokens
         rows.append({"request": f"{surface}, each further token", "median": further})
-    return {"requests": plan.instr_requests, "tokens": plan.instr_tokens, "rows": rows}
+    return {
+        "requests": plan.instr_requests,
+        "tokens": plan.instr_tokens,
+        "valgrind": subprocess.run(
+            ["valgrind", "--version"], capture_output=True, text=True
+        ).stdout.strip(),
+        "rows": rows,
+    }
 
 
 class _Counter:
@@ -87,11 +98,16 @@ class _Counter:
         self.dumps = 0
 
     def control(self, *args: str) -> None:
-        subprocess.run(["callgrind_control", *args, str(self.pid)], check=True, capture_output=True)
+        """Have the worker carry out a callgrind command (vgdb interrupts what it is doing); it
+        exits 0 even when it found no such process, so its answer is read."""
+        done = subprocess.run(
+            ["callgrind_control", *args, str(self.pid)], capture_output=True, text=True
+        )
+        if "OK." not in done.stdout:
+            raise RuntimeError(f"callgrind_control {' '.join(args)}: {done.stdout}{done.stderr}")
 
     def dump(self) -> int:
-        """The instructions counted since the last zero. The dump is written by the worker once
-        it next runs, after callgrind_control has returned."""
+        """The instructions counted since the last zero (the wait for the file is a guard)."""
         self.control("--dump")
         self.dumps += 1
         dump = self.out / f"callgrind.{self.pid}.{self.dumps}"

@@ -393,8 +393,9 @@ def _instructions(result: dict[str, Any]) -> str:
         return f"Not counted: {result.get('error') or result['unavailable']}\n"
     text = (
         "What the relay's worker executes per request, counted by callgrind (valgrind) in user "
-        "space: unlike the timings above, the same on any machine for the same code and "
-        f"libraries. Batches of {result['requests']} requests one after another on one "
+        "space: unlike the timings above, the same on a fast machine or a slow one for the same "
+        f"code, libraries and {result.get('valgrind', 'valgrind')}, to a few tenths of a percent. "
+        f"Batches of {result['requests']} requests one after another on one "
         "keep-alive connection; the median of the batches. A *further token* is the difference "
         f"between 1 + {result['tokens']} tokens 20 ms apart and one token, over "
         f"{result['tokens']}. The kernel's work (system calls, TCP) is not counted.\n\n"

@@ -60,6 +60,7 @@ class Relay:
         python: str,
         workdir: Path,
         upstream_port: int,
+        *,
         under: list[str] | None = None,
         **settings: Any,
     ) -> None:
