@@ -79,12 +79,11 @@ def count_instructions(bench: Bench, plan: Plan) -> dict[str, Any]:
         one, longer = (row["median"] for row in rows if row["request"].startswith(surface + ","))
         further = (longer - one) / plan.instr_tokens
         rows.append({"request": f"{surface}, each further token", "median": further})
+    version = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout
     return {
         "requests": plan.instr_requests,
         "tokens": plan.instr_tokens,
-        "valgrind": subprocess.run(
-            ["valgrind", "--version"], capture_output=True, text=True
-        ).stdout.strip(),
+        "valgrind": version.strip(),
         "rows": rows,
     }
 
