@@ -58,22 +58,27 @@ def count_instructions(bench: Bench, plan: Plan) -> dict[str, Any]:
         counter.control("--instr=on")
         text, sse = relay.text(), relay.sse()
         spaced = model_name(Timing(ttft=0.0, tokens=1 + plan.instr_tokens, gap=0.02))
-        kinds: list[tuple[str, str, dict[str, Any] | None]] = [
-            ("GET /healthz (does nothing)", "/healthz", None),
-            ("relay-text, one token", text.path, text.body(ONE_TOKEN)),
-            (f"relay-text, 1 + {plan.instr_tokens} tokens", text.path, text.body(spaced)),
-            ("relay-sse, one token", sse.path, sse.body(ONE_TOKEN)),
-            (f"relay-sse, 1 + {plan.instr_tokens} tokens", sse.path, sse.body(spaced)),
+        per_batch = plan.instr_requests
+        # (name, path, body, requests per connection); a GET when there is no body
+        longer = f"1 + {plan.instr_tokens} tokens"
+        kinds: list[tuple[str, str, dict[str, Any] | None, int]] = [
+            ("GET /healthz (does nothing)", "/healthz", None, per_batch),
+            # nginx as the README configures it opens a connection per request
+            ("GET /healthz, a new connection each", "/healthz", None, 1),
+            ("relay-text, one token", text.path, text.body(ONE_TOKEN), per_batch),
+            (f"relay-text, {longer}", text.path, text.body(spaced), per_batch),
+            ("relay-sse, one token", sse.path, sse.body(ONE_TOKEN), per_batch),
+            (f"relay-sse, {longer}", sse.path, sse.body(spaced), per_batch),
         ]
         rows = []
-        for name, path, body in kinds:
+        for name, *request in kinds:
             bench.say(f"instructions: {name}")
-            _send(relay.port, path, body, plan.instr_requests)  # warm: instrumented code, caches
+            _send(relay.port, per_batch, *request)  # warm: the instrumented code, the caches
             batches = []
             for _ in range(plan.instr_batches):
                 counter.control("--zero")
-                _send(relay.port, path, body, plan.instr_requests)
-                batches.append(counter.dump() / plan.instr_requests)
+                _send(relay.port, per_batch, *request)
+                batches.append(counter.dump() / per_batch)
             rows.append({"request": name, "batches": batches, "median": statistics.median(batches)})
     for surface in ("relay-text", "relay-sse"):
         one, longer = (row["median"] for row in rows if row["request"].startswith(surface + ","))
@@ -119,18 +124,21 @@ class _Counter:
         raise RuntimeError(f"callgrind wrote no {dump.name} within 60 s")
 
 
-def _send(port: int, path: str, body: dict[str, Any] | None, count: int) -> None:
-    """`count` requests one after another on one connection, each read to its end (a GET when
-    there is no body)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+def _send(
+    port: int, count: int, path: str, body: dict[str, Any] | None, per_connection: int
+) -> None:
+    """`count` requests one after another, `per_connection` of them on each connection, each
+    read to its end (a GET when there is no body)."""
     payload = None if body is None else json.dumps(body).encode()
     headers = {} if body is None else {"Content-Type": "application/json"}
-    try:
-        for _ in range(count):
-            connection.request("GET" if body is None else "POST", path, payload, headers)
-            response = connection.getresponse()
-            answer = response.read()
-            if response.status != 200:
-                raise RuntimeError(f"{path} answered {response.status}: {answer[:200]!r}")
-    finally:
-        connection.close()
+    for first in range(0, count, per_connection):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            for _ in range(min(per_connection, count - first)):
+                connection.request("GET" if body is None else "POST", path, payload, headers)
+                response = connection.getresponse()
+                answer = response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"{path} answered {response.status}: {answer[:200]!r}")
+        finally:
+            connection.close()
