@@ -60,15 +60,15 @@ def count_instructions(bench: Bench, plan: Plan) -> dict[str, Any]:
         spaced = model_name(Timing(ttft=0.0, tokens=1 + plan.instr_tokens, gap=0.02))
         per_batch = plan.instr_requests
         # (name, path, body, requests per connection); a GET when there is no body
-        longer = f"1 + {plan.instr_tokens} tokens"
+        more_tokens = f"1 + {plan.instr_tokens} tokens"
         kinds: list[tuple[str, str, dict[str, Any] | None, int]] = [
             ("GET /healthz (does nothing)", "/healthz", None, per_batch),
             # nginx as the README configures it opens a connection per request
             ("GET /healthz, a new connection each", "/healthz", None, 1),
             ("relay-text, one token", text.path, text.body(ONE_TOKEN), per_batch),
-            (f"relay-text, {longer}", text.path, text.body(spaced), per_batch),
+            (f"relay-text, {more_tokens}", text.path, text.body(spaced), per_batch),
             ("relay-sse, one token", sse.path, sse.body(ONE_TOKEN), per_batch),
-            (f"relay-sse, {longer}", sse.path, sse.body(spaced), per_batch),
+            (f"relay-sse, {more_tokens}", sse.path, sse.body(spaced), per_batch),
         ]
         rows = []
         for name, *request in kinds:
