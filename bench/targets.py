@@ -85,8 +85,8 @@ class Relay:
         self.env.update({name.upper(): str(value) for name, value in settings.items()})
         self.workers = int(self.env["WEB_CONCURRENCY"])
         self.flask = str(bin_dir / "flask")
-        command = [str(bin_dir / "gunicorn"), "--config", "gunicorn.conf.py", "wsgi:app"]
-        command = [*(under or []), *command]
+        gunicorn = [str(bin_dir / "gunicorn"), "--config", "gunicorn.conf.py", "wsgi:app"]
+        command = [*(under or []), *gunicorn]
         self.start_timeout = 60.0 if under is None else 300.0  # valgrind: several times slower
         self.service = Service("relay", command, self.env, workdir / f"relay-{self.port}.log")
 
