@@ -33,9 +33,11 @@ from typing import Any
 from bench.fake_upstream import Timing, model_name
 from bench.measure import Bench
 from bench.plan import Plan
-from bench.targets import Relay
+from bench.targets import PlainRelay, Relay
 
 ONE_TOKEN = model_name(Timing(ttft=0.0, tokens=1, gap=0.0))
+# name, path, body (a GET when None), requests per connection
+Kind = tuple[str, str, dict[str, Any] | None, int]
 
 
 def count_instructions(bench: Bench, plan: Plan) -> dict[str, Any]:
@@ -52,16 +54,12 @@ def count_instructions(bench: Bench, plan: Plan) -> dict[str, Any]:
         "--trace-children=yes",  # else callgrind_control cannot reach the forked worker (3.19)
         f"--callgrind-out-file={out}/callgrind.%p",
     ]
+    spaced = model_name(Timing(ttft=0.0, tokens=1 + plan.instr_tokens, gap=0.02))
+    per_batch = plan.instr_requests
+    more_tokens = f"1 + {plan.instr_tokens} tokens"
     with Relay(bench.python, bench.workdir, bench.upstream_port, under=under) as relay:
-        (worker,) = relay.worker_pids
-        counter = _Counter(worker, out)
-        counter.control("--instr=on")
         text, sse = relay.text(), relay.sse()
-        spaced = model_name(Timing(ttft=0.0, tokens=1 + plan.instr_tokens, gap=0.02))
-        per_batch = plan.instr_requests
-        # (name, path, body, requests per connection); a GET when there is no body
-        more_tokens = f"1 + {plan.instr_tokens} tokens"
-        kinds: list[tuple[str, str, dict[str, Any] | None, int]] = [
+        kinds: list[Kind] = [
             ("GET /healthz (does nothing)", "/healthz", None, per_batch),
             # nginx as the README configures it opens a connection per request
             ("GET /healthz, a new connection each", "/healthz", None, 1),
@@ -70,17 +68,16 @@ def count_instructions(bench: Bench, plan: Plan) -> dict[str, Any]:
             ("relay-sse, one token", sse.path, sse.body(ONE_TOKEN), per_batch),
             (f"relay-sse, {more_tokens}", sse.path, sse.body(spaced), per_batch),
         ]
-        rows = []
-        for name, *request in kinds:
-            bench.say(f"instructions: {name}")
-            _send(relay.port, per_batch, *request)  # warm: the instrumented code, the caches
-            batches = []
-            for _ in range(plan.instr_batches):
-                counter.control("--zero")
-                _send(relay.port, per_batch, *request)
-                batches.append(counter.dump() / per_batch)
-            rows.append({"request": name, "batches": batches, "median": statistics.median(batches)})
-    for surface in ("relay-text", "relay-sse"):
+        rows = _count(bench, plan, relay.port, relay.worker_pids, out, kinds)
+    # The issue's yardstick, counted the same way: what the relay's features cost beside it.
+    with PlainRelay(bench.python, bench.workdir, bench.upstream_port, under=under) as plain:
+        sse = plain.sse()
+        kinds = [
+            ("plain-sse, one token", sse.path, sse.body(ONE_TOKEN), per_batch),
+            (f"plain-sse, {more_tokens}", sse.path, sse.body(spaced), per_batch),
+        ]
+        rows += _count(bench, plan, plain.port, plain.worker_pids, out, kinds)
+    for surface in ("relay-text", "relay-sse", "plain-sse"):
         one, longer = (row["median"] for row in rows if row["request"].startswith(surface + ","))
         further = (longer - one) / plan.instr_tokens
         rows.append({"request": f"{surface}, each further token", "median": further})
@@ -91,6 +88,27 @@ def count_instructions(bench: Bench, plan: Plan) -> dict[str, Any]:
         "valgrind": version.strip(),
         "rows": rows,
     }
+
+
+def _count(
+    bench: Bench, plan: Plan, port: int, workers: list[int], out: Path, kinds: list[Kind]
+) -> list[dict[str, Any]]:
+    """Each kind of request in batches through the one worker, which runs under callgrind."""
+    (worker,) = workers
+    counter = _Counter(worker, out)
+    counter.control("--instr=on")
+    per_batch = plan.instr_requests
+    rows = []
+    for name, *request in kinds:
+        bench.say(f"instructions: {name}")
+        _send(port, per_batch, *request)  # warm: the instrumented code, the caches
+        batches = []
+        for _ in range(plan.instr_batches):
+            counter.control("--zero")
+            _send(port, per_batch, *request)
+            batches.append(counter.dump() / per_batch)
+        rows.append({"request": name, "batches": batches, "median": statistics.median(batches)})
+    return rows
 
 
 class _Counter:

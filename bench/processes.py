@@ -57,13 +57,18 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time one process has used so far."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """The CPU time one process has used so far, in user space and in the kernel (seconds)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_SECOND
+        return 0.0, 0.0
+    return int(fields[11]) / _TICKS_PER_SECOND, int(fields[12]) / _TICKS_PER_SECOND
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time one process has used so far."""
+    return sum(cpu_times(pid))
 
 
 def run_queue_seconds(pid: int) -> float | None:

@@ -151,6 +151,11 @@ def _scenario1(result: dict[str, Any]) -> str:
         "Percentiles are over the requests that were answered; requests that timed out "
         "(30 s) are in *errors*, so a saturated run looks better than it is.\n\n"
     )
+    if any("worker_kernel_share" in run for run in result["runs"]):
+        text = text[:-2] + (
+            " The kernel's share of the worker's CPU (system calls, the TCP stack) is in "
+            "brackets.\n\n"
+        )
     rows = []
     for run in result["runs"]:
         over = run.get("overhead") or {}
@@ -167,14 +172,58 @@ def _scenario1(result: dict[str, Any]) -> str:
                 _ms(over.get("p99"), 2),
                 _num(over.get("ratio_p50"), 2, "x") + " / " + _num(over.get("ratio_p99"), 2, "x"),
                 _ms(run["gap_p99"], 1),
-                _num(run.get("worker_cpu"), 2),
+                _worker_cpu(run),
                 _ms(run.get("worker_waited_ms"), 2),
             ]
         )
     header = ["offered req/s", "surface", "achieved req/s", "errors", "TTFB p50", "TTFT p50"]
     header += ["TTFT p99", "overhead p50", "overhead p99", "ratio p50 / p99"]
     header += ["inter-read gap p99", "worker CPU", "worker waiting for a CPU"]
-    return text + _table(header, rows) + _repeats(result)
+    return text + _table(header, rows) + _yardstick(result) + _repeats(result)
+
+
+def _worker_cpu(run: dict[str, Any]) -> str:
+    """The worker's CPU use, with the kernel's share of it where the run measured that."""
+    cpu = _num(run.get("worker_cpu"), 2)
+    if run.get("worker_kernel_share") is None:
+        return cpu
+    return f"{cpu} ({run['worker_kernel_share'] * 100:.0f} % kernel)"
+
+
+def _cpu_ms_per_request(run: dict[str, Any]) -> float | None:
+    """The worker's CPU time per answered request, in ms (a one-worker server's runs only)."""
+    if run.get("worker_cpu") is None or not run["achieved_rate"]:
+        return None
+    return run["worker_cpu"] / run["achieved_rate"] * 1000
+
+
+def _yardstick(result: dict[str, Any]) -> str:
+    """The plain relay against the relay, at the rate the issue quotes (runs before the
+    yardstick was added have no plain-sse rows, and get nothing here)."""
+    plain = {r["rate"]: r for r in result["runs"] if r["surface"] == "plain-sse"}
+    relay = {r["rate"]: r for r in result["runs"] if r["surface"] == "relay-sse"}
+    if not plain:
+        return ""
+    rate = 100 if 100 in plain else min(plain)
+    plain_cpu = _cpu_ms_per_request(plain[rate])
+    relay_cpu = _cpu_ms_per_request(relay[rate]) if rate in relay else None
+    text = (
+        "\n*plain-sse* is the issue's yardstick, `bench/plain_relay.py`: Flask, requests and "
+        "sseclient as their documentation shows them, every chunk parsed and serialised again, "
+        "under gunicorn's gevent worker (one), in front of the same upstream. On the machine "
+        "the issue was written on it added about 3.5 ms p50 at 100 req/s and saturated near "
+        f"280 req/s. In this run, at {rate:g} req/s, it added "
+        f"{_ms(plain[rate]['overhead']['p50'], 2)} p50 and its worker used "
+        f"{_ms(plain_cpu, 2)} of CPU per request"
+    )
+    if plain_cpu:
+        text += f", so it would saturate near {1000 / plain_cpu:,.0f} req/s"
+    if plain_cpu and relay_cpu:
+        text += (
+            f"; the relay's SSE surface used {_ms(relay_cpu, 2)} per request, "
+            f"{plain_cpu / relay_cpu:.1f} times less"
+        )
+    return text + ". The yardstick's figures tell how fast this machine is for this kind of work.\n"
 
 
 def _repeats(result: dict[str, Any]) -> str:
@@ -199,7 +248,7 @@ def _repeats(result: dict[str, Any]) -> str:
                     _errors(run),
                     _ms(over["p50"], 2),
                     _ms(over["p99"], 2),
-                    _num(run.get("worker_cpu"), 2),
+                    _worker_cpu(run),
                     _ms(run.get("worker_waited_ms"), 2),
                 ]
             )
@@ -400,6 +449,11 @@ def _instructions(result: dict[str, Any]) -> str:
         f"between 1 + {result['tokens']} tokens 20 ms apart and one token, over "
         f"{result['tokens']}. The kernel's work (system calls, TCP) is not counted.\n\n"
     )
+    if any(row["request"].startswith("plain-sse") for row in result["rows"]):
+        text = text[:-2] + (
+            " *plain-sse* is the issue's yardstick (scenario 1), counted the same way: what a "
+            "relay with none of this one's features executes.\n\n"
+        )
     rows = []
     for row in result["rows"]:
         batches = row.get("batches")

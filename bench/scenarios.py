@@ -15,9 +15,9 @@ from typing import Any
 from bench.fake_upstream import TOKEN, Timing, model_name
 from bench.measure import Bench, run_load, start_load
 from bench.plan import Plan
-from bench.processes import PeakMemory, cpu_seconds, rss_bytes, run_queue_seconds
+from bench.processes import PeakMemory, cpu_seconds, cpu_times, rss_bytes, run_queue_seconds
 from bench.stats import quantile_points
-from bench.targets import LiteLLM, Relay, Surface, direct
+from bench.targets import LiteLLM, PlainRelay, Relay, Surface, direct
 
 MB = 1024 * 1024
 SHORT = model_name(Timing(ttft=0, tokens=5, gap=0))
@@ -75,6 +75,8 @@ def added_latency(
             bench, plan, base, model, [plan.s1_target_rate], f", round {round_}"
         )
         repeats += [{**run, "round": round_} for run in again]
+    if plan.s1_plain_rates:
+        runs += _through_plain_relay(bench, plan, runs, model)
     litellm = start_litellm() if plan.s1_litellm_rates else None
     if litellm is not None:
         try:
@@ -101,6 +103,26 @@ def added_latency(
     }
 
 
+def _through_plain_relay(
+    bench: Bench, plan: Plan, runs: list[dict[str, Any]], model: str
+) -> list[dict[str, Any]]:
+    """bench/plain_relay.py at `plan.s1_plain_rates`: what a relay with nothing tuned does on
+    this machine, against the upstream's own runs at the same rates in `runs`."""
+    plain_runs: list[dict[str, Any]] = []
+    with PlainRelay(bench.python, bench.workdir, bench.upstream_port) as plain:
+        warm_up(bench, plan, plain.sse())
+        for rate in plan.s1_plain_rates:
+            same_rate = (r for r in runs if r["rate"] == rate and r["surface"].startswith("direct"))
+            baseline = next(same_rate, None)
+            if baseline is None:  # a partial run's rates (--set s1_rates=...) may not include it
+                continue
+            bench.say(f"scenario 1, the plain relay at {rate:g} requests/s")
+            options = {"rate": rate, "duration": plan.s1_duration, "timeout": 30}
+            worker = plain.worker_pids[0]
+            plain_runs.append(_through_worker(bench, plain.sse(), worker, model, options, baseline))
+    return plain_runs
+
+
 def _through_one_relay(
     bench: Bench, plan: Plan, base: Surface, model: str, rates: list[float], label: str = ""
 ) -> list[dict[str, Any]]:
@@ -124,18 +146,34 @@ def _at_rate(
     runs = [{**baseline, "rate": rate}]
     for surface in (relay.text(), relay.sse()):
         worker = relay.worker_pids[0]
-        cpu_before, waited_before = cpu_seconds(worker), run_queue_seconds(worker)
-        started = time.monotonic()
-        summary, _ = run_load(bench, surface, model, **options, record_gaps=True)
-        cpu = (cpu_seconds(worker) - cpu_before) / (time.monotonic() - started)
-        waited_after = run_queue_seconds(worker)
-        summary.update(rate=rate, worker_cpu=round(cpu, 3))
-        if waited_before is not None and waited_after is not None and summary["requests"]:
-            waited = max(waited_after - waited_before, 0)
-            summary["worker_waited_ms"] = round(waited * 1000 / summary["requests"], 3)
-        summary["overhead"] = _overhead(summary, baseline)
-        runs.append(summary)
+        runs.append(_through_worker(bench, surface, worker, model, options, baseline))
     return runs
+
+
+def _through_worker(
+    bench: Bench,
+    surface: Surface,
+    worker: int,
+    model: str,
+    options: dict[str, Any],
+    baseline: dict[str, Any],
+) -> dict[str, Any]:
+    """One open-loop run through a one-worker server, with that worker's CPU use and its
+    overhead over the upstream's own `baseline` run at the same rate."""
+    (user_before, kernel_before), waited_before = cpu_times(worker), run_queue_seconds(worker)
+    started = time.monotonic()
+    summary, _ = run_load(bench, surface, model, **options, record_gaps=True)
+    user, kernel = cpu_times(worker)
+    waited_after = run_queue_seconds(worker)
+    used = user - user_before + kernel - kernel_before
+    summary.update(rate=options["rate"], worker_cpu=round(used / (time.monotonic() - started), 3))
+    if used:
+        summary["worker_kernel_share"] = round((kernel - kernel_before) / used, 3)
+    if waited_before is not None and waited_after is not None and summary["requests"]:
+        waited = max(waited_after - waited_before, 0)
+        summary["worker_waited_ms"] = round(waited * 1000 / summary["requests"], 3)
+    summary["overhead"] = _overhead(summary, baseline)
+    return summary
 
 
 def gateway(

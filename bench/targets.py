@@ -124,6 +124,36 @@ class Relay:
         return Surface("relay-json", self.port, "/v1/chat/completions", "json")
 
 
+class PlainRelay:
+    """bench/plain_relay.py, the issue's yardstick, as gunicorn runs it: one gevent worker."""
+
+    def __init__(
+        self, python: str, workdir: Path, upstream_port: int, *, under: list[str] | None = None
+    ) -> None:
+        """`under` prefixes gunicorn's command, as for Relay."""
+        self.port = free_port()
+        env = {**os.environ, "PLAIN_UPSTREAM": f"http://127.0.0.1:{upstream_port}/api/v1"}
+        gunicorn = [str(Path(python).parent / "gunicorn"), "--worker-class", "gevent"]
+        gunicorn += ["--workers", "1", "--bind", f"127.0.0.1:{self.port}", "bench.plain_relay:app"]
+        self.start_timeout = 60.0 if under is None else 300.0
+        command = [*(under or []), *gunicorn]
+        self.service = Service("plain relay", command, env, workdir / f"plain-{self.port}.log")
+
+    def __enter__(self) -> PlainRelay:
+        self.service.start(self.port, "/healthz", self.start_timeout)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.service.stop()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return children(self.service.pid)
+
+    def sse(self) -> Surface:
+        return Surface("plain-sse", self.port, "/v1/chat/completions", "sse")
+
+
 LITELLM_PYTHON = ROOT / "bench" / ".venv-litellm" / "bin" / "python"
 
 
