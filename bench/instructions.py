@@ -11,7 +11,8 @@ the stall sweeper) runs by the clock, and tokens 20 ms apart must stay separate 
 machine many times slower than these would not keep. The kernel's share (system calls, the TCP
 stack) is not counted, nor what an instruction costs.
 
-One relay worker runs under callgrind, instrumented only once it has started. Per kind of
+One relay worker (then the yardstick's, bench/plain_relay.py) runs under callgrind,
+instrumented only once it has started. Per kind of
 request: the counters are zeroed, a batch of requests goes one after another on one keep-alive
 connection, the counters are dumped (`callgrind_control`); a figure is the median of the
 batches, per request. Two shapes of one request part its cost: one token (the whole request,
@@ -41,7 +42,8 @@ Kind = tuple[str, str, dict[str, Any] | None, int]
 
 
 def count_instructions(bench: Bench, plan: Plan) -> dict[str, Any]:
-    """Instructions per request on both surfaces, and for a request that does nothing."""
+    """Instructions per request on both surfaces, for a request that does nothing, and for the
+    issue's yardstick (bench/plain_relay.py) beside them."""
     missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
     if missing:
         return {"unavailable": f"{' and '.join(missing)} not found (Debian's package valgrind)"}
