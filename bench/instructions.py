@@ -11,13 +11,12 @@ the stall sweeper) runs by the clock, and tokens 20 ms apart must stay separate 
 machine many times slower than these would not keep. The kernel's share (system calls, the TCP
 stack) is not counted, nor what an instruction costs.
 
-One relay worker (then the yardstick's, bench/plain_relay.py) runs under callgrind,
-instrumented only once it has started. Per kind of
-request: the counters are zeroed, a batch of requests goes one after another on one keep-alive
-connection, the counters are dumped (`callgrind_control`); a figure is the median of the
-batches, per request. Two shapes of one request part its cost: one token (the whole request,
-its first token included) and 1 + N tokens 20 ms apart (each its own read and write, as in
-scenario 1), whose difference over N is the cost of each further token.
+One relay worker (then the yardstick's, bench/plain_relay.py) runs under callgrind, instrumented
+only once it has started. Per kind of request: the counters are zeroed, a batch of requests goes
+one after another on one keep-alive connection, the counters are dumped (`callgrind_control`); a
+figure is the median of the batches, per request. Two shapes of one request part its cost: one
+token (the whole request, its first token included) and 1 + N tokens 20 ms apart (each its own read
+and write, as in scenario 1), whose difference over N is the cost of each further token.
 """
 
 from __future__ import annotations
