@@ -461,6 +461,20 @@ def _instructions(result: dict[str, Any]) -> str:
     return text + _table(["request", "instructions per request", "spread of batches"], rows)
 
 
+def _yardstick_speed(s1: dict[str, Any]) -> str:
+    """The machine's speed for this work: the issue's yardstick at the rate the issue quotes."""
+    plain = _find(s1, "plain-sse", rate=100)
+    if plain is None or not plain.get("overhead"):
+        return ""
+    return (
+        f"- speed for this work: the issue's yardstick (scenario 1's *plain-sse*) added "
+        f"{_ms(plain['overhead']['p50'], 2)} p50 at 100 req/s and its worker used "
+        f"{_ms(_cpu_ms_per_request(plain), 2)} of CPU per request; on the machine the issue was "
+        "written on it added about 3.5 ms and saturated near 280 req/s (about 3.6 ms a request). "
+        "Judge the targets on a machine whose yardstick reads about the same.\n"
+    )
+
+
 def _sharing(others: dict[str, Any]) -> str:
     """Whether processes outside the benchmark used the machine while it ran."""
     if not others:
@@ -517,6 +531,7 @@ def render(document: dict[str, Any], images: list[Path], image_dir: Path | None)
         f"{machine['kernel']}, Python {machine['python']}\n",
         f"- load average before the run: {', '.join(str(x) for x in machine['load_before'])}\n",
         _speed(machine),
+        _yardstick_speed(results.get("scenario1", {})),
         "- The two cores are shared by the load generator, the fake upstream and the service "
         "under test, so no figure here is of a service with a machine to itself.\n",
         _sharing(document.get("others", {})),
