@@ -36,6 +36,8 @@ from bench.plan import Plan
 from bench.targets import PlainRelay, Relay
 
 ONE_TOKEN = model_name(Timing(ttft=0.0, tokens=1, gap=0.0))
+# callgrind's simulated first-level misses: instruction reads, data reads, data writes
+FIRST_LEVEL_MISSES = ("I1mr", "D1mr", "D1mw")
 # name, path, body (a GET when None), requests per connection
 Kind = tuple[str, str, dict[str, Any] | None, int]
 
@@ -53,6 +55,9 @@ def count_instructions(bench: Bench, plan: Plan) -> dict[str, Any]:
         "--tool=callgrind",
         "--instr-atstart=no",  # the worker starts in seconds, not a minute
         "--trace-children=yes",  # else callgrind_control cannot reach the forked worker (3.19)
+        # First-level cache misses too: on these machines a request's time follows them at least
+        # as much as its instructions (bench/analysis.md, the run of 14:11).
+        "--cache-sim=yes",
         f"--callgrind-out-file={out}/callgrind.%p",
     ]
     spaced = model_name(Timing(ttft=0.0, tokens=1 + plan.instr_tokens, gap=0.02))
@@ -79,9 +84,14 @@ def count_instructions(bench: Bench, plan: Plan) -> dict[str, Any]:
         ]
         rows += _count(bench, plan, plain.port, plain.worker_pids, out, kinds)
     for surface in ("relay-text", "relay-sse", "plain-sse"):
-        one, longer = (row["median"] for row in rows if row["request"].startswith(surface + ","))
-        further = (longer - one) / plan.instr_tokens
-        rows.append({"request": f"{surface}, each further token", "median": further})
+        one, longer = (row for row in rows if row["request"].startswith(surface + ","))
+        rows.append(
+            {
+                "request": f"{surface}, each further token",
+                "median": (longer["median"] - one["median"]) / plan.instr_tokens,
+                "misses": (longer["misses"] - one["misses"]) / plan.instr_tokens,
+            }
+        )
     version = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout
     return {
         "requests": plan.instr_requests,
@@ -103,12 +113,21 @@ def _count(
     for name, *request in kinds:
         bench.say(f"instructions: {name}")
         _send(port, per_batch, *request)  # warm: the instrumented code, the caches
-        batches = []
+        batches, misses = [], []
         for _ in range(plan.instr_batches):
             counter.control("--zero")
             _send(port, per_batch, *request)
-            batches.append(counter.dump() / per_batch)
-        rows.append({"request": name, "batches": batches, "median": statistics.median(batches)})
+            events = counter.dump()
+            batches.append(events["Ir"] / per_batch)
+            misses.append(sum(events.get(e, 0) for e in FIRST_LEVEL_MISSES) / per_batch)
+        rows.append(
+            {
+                "request": name,
+                "batches": batches,
+                "median": statistics.median(batches),
+                "misses": statistics.median(misses),
+            }
+        )
     return rows
 
 
@@ -129,8 +148,9 @@ class _Counter:
         if "OK." not in done.stdout:
             raise RuntimeError(f"callgrind_control {' '.join(args)}: {done.stdout}{done.stderr}")
 
-    def dump(self) -> int:
-        """The instructions counted since the last zero (the wait for the file is a guard)."""
+    def dump(self) -> dict[str, int]:
+        """The events counted since the last zero, by callgrind's name (Ir: instructions); the
+        wait for the file is a guard."""
         self.control("--dump")
         self.dumps += 1
         dump = self.out / f"callgrind.{self.pid}.{self.dumps}"
@@ -138,7 +158,10 @@ class _Counter:
         while time.monotonic() < deadline:
             text = dump.read_text() if dump.exists() else ""
             if "\ntotals:" in text:  # the last line: the file is whole
-                return int(text.split("\nsummary:", 1)[1].split(None, 1)[0])
+                lines = text.splitlines()
+                names = next(line for line in lines if line.startswith("events:")).split()[1:]
+                counts = next(line for line in lines if line.startswith("summary:")).split()[1:]
+                return dict(zip(names, map(int, counts), strict=True))
             time.sleep(0.1)
         raise RuntimeError(f"callgrind wrote no {dump.name} within 60 s")
 
