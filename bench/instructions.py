@@ -9,7 +9,8 @@ and valgrind give the same count, to a few tenths of a percent, on a fast machin
 loaded or not. Not quite the same: the worker's periodic work (the ledger's quarter-second writes,
 the stall sweeper) runs by the clock, and tokens 20 ms apart must stay separate reads, which a
 machine many times slower than these would not keep. The kernel's share (system calls, the TCP
-stack) is not counted, nor what an instruction costs.
+stack) is not counted, nor what an instruction costs (the simulated cache misses say part of
+that).
 
 One relay worker (then the yardstick's, bench/plain_relay.py) runs under callgrind, instrumented
 only once it has started. Per kind of request: the counters are zeroed, a batch of requests goes
@@ -55,8 +56,8 @@ def count_instructions(bench: Bench, plan: Plan) -> dict[str, Any]:
         "--tool=callgrind",
         "--instr-atstart=no",  # the worker starts in seconds, not a minute
         "--trace-children=yes",  # else callgrind_control cannot reach the forked worker (3.19)
-        # First-level cache misses too: on these machines a request's time follows them at least
-        # as much as its instructions (bench/analysis.md, the run of 14:11).
+        # First-level cache misses too: a request's time may follow them as much as its
+        # instructions (bench/analysis.md, the run of 14:11).
         "--cache-sim=yes",
         f"--callgrind-out-file={out}/callgrind.%p",
     ]

@@ -24,11 +24,13 @@ UPSTREAM = os.environ.get("PLAIN_UPSTREAM", "http://127.0.0.1:8900/api/v1")
 
 @app.get("/healthz")
 def healthz() -> str:
+    """What the benchmark polls until the relay is up."""
     return "ok"
 
 
 @app.post("/v1/chat/completions")
 def chat_completions() -> Response:
+    """OpenRouter's event stream, each event parsed and serialised again on its way."""
     upstream = session.post(
         f"{UPSTREAM}/chat/completions",
         json=request.get_json(),
@@ -39,10 +41,10 @@ def chat_completions() -> Response:
     events = sseclient.SSEClient(upstream).events()
 
     def relay() -> Iterator[str]:
-        for event in events:
+        for event in events:  # to the end: the connection goes back to the pool only then
             if event.data == "[DONE]":
                 yield "data: [DONE]\n\n"
-                return
-            yield f"data: {json.dumps(json.loads(event.data))}\n\n"
+            else:
+                yield f"data: {json.dumps(json.loads(event.data))}\n\n"
 
     return Response(relay(), mimetype="text/event-stream")

@@ -210,14 +210,15 @@ def _yardstick(result: dict[str, Any]) -> str:
     text = (
         "\n*plain-sse* is the issue's yardstick, `bench/plain_relay.py`: Flask, requests and "
         "sseclient as their documentation shows them, every chunk parsed and serialised again, "
-        "under gunicorn's gevent worker (one), in front of the same upstream. On the machine "
+        "under gunicorn's gevent worker (one), in front of the same upstream; its overhead is over "
+        "the sweep's direct run at the same rate. On the machine "
         "the issue was written on it added about 3.5 ms p50 at 100 req/s and saturated near "
         f"280 req/s. In this run, at {rate:g} req/s, it added "
         f"{_ms(plain[rate]['overhead']['p50'], 2)} p50 and its worker used "
         f"{_ms(plain_cpu, 2)} of CPU per request"
     )
     if plain_cpu:
-        text += f", so it would saturate near {1000 / plain_cpu:,.0f} req/s"
+        text += f", at which cost it would saturate near {1000 / plain_cpu:,.0f} req/s"
     if relay_cpu:
         text += f"; the relay's SSE surface used {_ms(relay_cpu, 2)} at the same rate"
     return text + ". The yardstick's figures tell how fast this machine is for this kind of work.\n"
@@ -455,8 +456,8 @@ def _instructions(result: dict[str, Any]) -> str:
     if misses:
         text = text[:-2] + (
             " *L1 misses* are callgrind's simulation of the first-level caches (instruction "
-            "reads, data reads and writes): on these machines a request's CPU time has followed "
-            "them at least as closely as its instructions.\n\n"
+            "reads, data reads and writes), counted because a request's CPU time may follow "
+            "them as much as its instructions.\n\n"
         )
     rows = []
     for row in result["rows"]:

@@ -62,7 +62,8 @@ def added_latency(
     Per offered rate: the upstream directly, then the relay's text and SSE surfaces (one
     worker), then LiteLLM's proxy at the rates it can take at all; the relay worker's CPU use
     over each run tells how close it is to saturation. The targets' rate is then measured
-    again (`repeats`), each time through a relay started for it.
+    again (`repeats`), each time through a relay started for it, and the issue's yardstick
+    (bench/plain_relay.py) at `plan.s1_plain_rates`.
     """
     model = model_name(plan.s1_timing)
     base = direct(bench.upstream_port)

@@ -1,5 +1,6 @@
-"""What the load generator is pointed at: the fake upstream itself, the relay's two surfaces and
-LiteLLM's proxy, each started the way its users start it.
+"""What the load generator is pointed at: the fake upstream itself, the relay's two surfaces, the
+issue's yardstick (bench/plain_relay.py) and LiteLLM's proxy, each started the way its users
+start it.
 
 A `Surface` names one endpoint and how to ask it for a model; the same model name reaches the
 fake upstream unchanged through each of them, so every surface gets the same upstream timing.
@@ -148,6 +149,7 @@ class PlainRelay:
 
     @property
     def worker_pids(self) -> list[int]:
+        """The gevent worker: the gunicorn master's child."""
         return children(self.service.pid)
 
     def sse(self) -> Surface:
