@@ -77,7 +77,7 @@ def added_latency(
         )
         repeats += [{**run, "round": round_} for run in again]
     if plan.s1_plain_rates:
-        runs += _through_plain_relay(bench, plan, runs, model)
+        runs += _through_plain_relay(bench, plan, runs, base, model)
     litellm = start_litellm() if plan.s1_litellm_rates else None
     if litellm is not None:
         try:
@@ -87,9 +87,7 @@ def added_latency(
                 options = {"rate": rate, "duration": plan.s1_litellm_duration, "timeout": 30}
                 summary, _ = run_load(bench, litellm.sse(), model, **options, record_gaps=True)
                 summary["rate"] = rate
-                # A partial run's rates (--set s1_rates=...) may not include LiteLLM's.
-                same_rate = (r for r in runs if r["rate"] == rate and r["surface"] == base.name)
-                baseline = next(same_rate, None)
+                baseline = _run_at(runs, base, rate)
                 if baseline is not None:
                     summary["overhead"] = _overhead(summary, baseline)
                 runs.append(summary)
@@ -104,18 +102,23 @@ def added_latency(
     }
 
 
+def _run_at(runs: list[dict[str, Any]], surface: Surface, rate: float) -> dict[str, Any] | None:
+    """`surface`'s run at `rate` among `runs`; a partial run's rates (--set s1_rates=...) may
+    not include it."""
+    return next((r for r in runs if r["rate"] == rate and r["surface"] == surface.name), None)
+
+
 def _through_plain_relay(
-    bench: Bench, plan: Plan, runs: list[dict[str, Any]], model: str
+    bench: Bench, plan: Plan, runs: list[dict[str, Any]], base: Surface, model: str
 ) -> list[dict[str, Any]]:
     """bench/plain_relay.py at `plan.s1_plain_rates`: what a relay with nothing tuned does on
-    this machine, against the upstream's own runs at the same rates in `runs`."""
+    this machine, against the upstream's own (`base`) runs at the same rates in `runs`."""
     plain_runs: list[dict[str, Any]] = []
     with PlainRelay(bench.python, bench.workdir, bench.upstream_port) as plain:
         warm_up(bench, plan, plain.sse())
         for rate in plan.s1_plain_rates:
-            same_rate = (r for r in runs if r["rate"] == rate and r["surface"].startswith("direct"))
-            baseline = next(same_rate, None)
-            if baseline is None:  # a partial run's rates (--set s1_rates=...) may not include it
+            baseline = _run_at(runs, base, rate)
+            if baseline is None:
                 continue
             bench.say(f"scenario 1, the plain relay at {rate:g} requests/s")
             options = {"rate": rate, "duration": plan.s1_duration, "timeout": 30}

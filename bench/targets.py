@@ -53,7 +53,31 @@ def start_upstream(python: str, workdir: Path) -> tuple[Service, int]:
     return service.start(port, "/healthz", timeout=20), port
 
 
-class Relay:
+class _Gunicorn:
+    """A gunicorn server the benchmark starts and stops, maybe under a tool (`under`, such as
+    valgrind, which prefixes its command), and its workers."""
+
+    def __init__(
+        self,
+        name: str,
+        gunicorn: list[str],
+        env: dict[str, str],
+        log: Path,
+        under: list[str] | None,
+    ) -> None:
+        self.start_timeout = 60.0 if under is None else 300.0  # valgrind: several times slower
+        self.service = Service(name, [*(under or []), *gunicorn], env, log)
+
+    def __exit__(self, *exc: object) -> None:
+        self.service.stop()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The gevent workers: the gunicorn master's children."""
+        return children(self.service.pid)
+
+
+class Relay(_Gunicorn):
     """The relay as the Procfile runs it (gunicorn, gevent workers), on the working tree's code."""
 
     def __init__(
@@ -87,9 +111,7 @@ class Relay:
         self.workers = int(self.env["WEB_CONCURRENCY"])
         self.flask = str(bin_dir / "flask")
         gunicorn = [str(bin_dir / "gunicorn"), "--config", "gunicorn.conf.py", "wsgi:app"]
-        command = [*(under or []), *gunicorn]
-        self.start_timeout = 60.0 if under is None else 300.0  # valgrind: several times slower
-        self.service = Service("relay", command, self.env, workdir / f"relay-{self.port}.log")
+        super().__init__("relay", gunicorn, self.env, workdir / f"relay-{self.port}.log", under)
 
     def __enter__(self) -> Relay:
         migrate = [self.flask, "--app", "wsgi", "db", "upgrade"]
@@ -103,17 +125,9 @@ class Relay:
             time.sleep(0.1)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.service.stop()
-
     @property
     def master(self) -> int:
         return self.service.pid
-
-    @property
-    def worker_pids(self) -> list[int]:
-        """The gevent workers: the gunicorn master's children."""
-        return children(self.service.pid)
 
     def text(self) -> Surface:
         return Surface("relay-text", self.port, "/api/chat/openrouter", "text")
@@ -125,32 +139,21 @@ class Relay:
         return Surface("relay-json", self.port, "/v1/chat/completions", "json")
 
 
-class PlainRelay:
+class PlainRelay(_Gunicorn):
     """bench/plain_relay.py, the issue's yardstick, as gunicorn runs it: one gevent worker."""
 
     def __init__(
         self, python: str, workdir: Path, upstream_port: int, *, under: list[str] | None = None
     ) -> None:
-        """`under` prefixes gunicorn's command, as for Relay."""
         self.port = free_port()
         env = {**os.environ, "PLAIN_UPSTREAM": f"http://127.0.0.1:{upstream_port}/api/v1"}
         gunicorn = [str(Path(python).parent / "gunicorn"), "--worker-class", "gevent"]
         gunicorn += ["--workers", "1", "--bind", f"127.0.0.1:{self.port}", "bench.plain_relay:app"]
-        self.start_timeout = 60.0 if under is None else 300.0
-        command = [*(under or []), *gunicorn]
-        self.service = Service("plain relay", command, env, workdir / f"plain-{self.port}.log")
+        super().__init__("plain relay", gunicorn, env, workdir / f"plain-{self.port}.log", under)
 
     def __enter__(self) -> PlainRelay:
         self.service.start(self.port, "/healthz", self.start_timeout)
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.service.stop()
-
-    @property
-    def worker_pids(self) -> list[int]:
-        """The gevent worker: the gunicorn master's child."""
-        return children(self.service.pid)
 
     def sse(self) -> Surface:
         return Surface("plain-sse", self.port, "/v1/chat/completions", "sse")
