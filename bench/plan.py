@@ -23,7 +23,8 @@ class Plan:
     # so the targets' rate is measured again through new relays and the targets take the median.
     s1_target_rate: float = 200
     s1_repeats: int = 3
-    # The issue's yardstick (bench/plain_relay.py), at the rates it quotes and the targets' rate.
+    # The issue's yardstick (bench/plain_relay.py) and the byte forwarder (bench/forwarder.py), at
+    # the rates the issue quotes and the targets' rate.
     s1_plain_rates: list[float] = field(default_factory=lambda: [50, 100, 200])
     s1_litellm_rates: list[float] = field(default_factory=lambda: [50, 100])
     s1_litellm_duration: float = 10

@@ -12,6 +12,7 @@ COLOURS = {
     "relay-sse": "#2ca02c",
     "relay-json": "#2ca02c",
     "plain-sse": "#ff7f0e",
+    "forward-sse": "#7f7f7f",
     "litellm-sse": "#d62728",
     "litellm-json": "#d62728",
 }
@@ -58,7 +59,7 @@ def _overhead(plt: Any, result: dict[str, Any]) -> Any:
     """TTFT overhead (relay or LiteLLM less the upstream itself) against offered rate."""
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for axis, key, title in ((axes[0], "p50", "TTFT overhead p50"), (axes[1], "p99", "p99")):
-        for surface in ("relay-text", "relay-sse", "plain-sse", "litellm-sse"):
+        for surface in ("relay-text", "relay-sse", "plain-sse", "forward-sse", "litellm-sse"):
             points = _overheads(result["runs"], surface, key)
             if points:
                 xs, ys = zip(*points, strict=True)

@@ -226,7 +226,26 @@ def _yardstick(result: dict[str, Any]) -> str:
         text += f", at which cost it would saturate near {1000 / plain_cpu:,.0f} req/s"
     if relay_cpu:
         text += f"; the relay's SSE surface used {_ms(relay_cpu, 2)} at the same rate"
-    return text + ". The yardstick's figures tell how fast this machine is for this kind of work.\n"
+    text += ". The yardstick's figures tell how fast this machine is for this kind of work.\n"
+    return text + _floor(result)
+
+
+def _floor(result: dict[str, Any]) -> str:
+    """The byte forwarder's overhead: what the hop alone costs (runs before it was added have no
+    forward-sse rows, and get nothing here)."""
+    floor = {r["rate"]: r for r in result["runs"] if r["surface"] == "forward-sse"}
+    if not floor:
+        return ""
+    added = ", ".join(
+        f"{_ms(run['overhead']['p50'], 2)} at {rate:g} req/s" for rate, run in sorted(floor.items())
+    )
+    return (
+        "\n*forward-sse* is the floor under both, `bench/forwarder.py`: a gevent process that "
+        "copies bytes between the load generator and the upstream, parsing nothing. It added "
+        f"{added} (p50): what the hop alone costs on this machine, two more processes woken on "
+        "the way to each first token, before any HTTP parsing, Flask, validation or requests. "
+        "A relay's own work is what it adds above this row.\n"
+    )
 
 
 def _repeats(result: dict[str, Any]) -> str:

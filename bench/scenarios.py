@@ -17,7 +17,7 @@ from bench.measure import Bench, run_load, start_load
 from bench.plan import Plan
 from bench.processes import PeakMemory, cpu_seconds, cpu_times, rss_bytes, run_queue_seconds
 from bench.stats import quantile_points
-from bench.targets import LiteLLM, PlainRelay, Relay, Surface, direct
+from bench.targets import Forwarder, LiteLLM, PlainRelay, Relay, Surface, direct
 
 MB = 1024 * 1024
 SHORT = model_name(Timing(ttft=0, tokens=5, gap=0))
@@ -62,8 +62,9 @@ def added_latency(
     Per offered rate: the upstream directly, then the relay's text and SSE surfaces (one
     worker), then LiteLLM's proxy at the rates it can take at all; the relay worker's CPU use
     over each run tells how close it is to saturation. The targets' rate is then measured
-    again (`repeats`), each time through a relay started for it, and the issue's yardstick
-    (bench/plain_relay.py) at `plan.s1_plain_rates`.
+    again (`repeats`), each time through a relay started for it; then, at
+    `plan.s1_plain_rates`, the issue's yardstick (bench/plain_relay.py) and the floor under
+    both, a byte forwarder (bench/forwarder.py).
     """
     model = model_name(plan.s1_timing)
     base = direct(bench.upstream_port)
@@ -76,8 +77,8 @@ def added_latency(
             bench, plan, base, model, [plan.s1_target_rate], f", round {round_}"
         )
         repeats += [{**run, "round": round_} for run in again]
-    if plan.s1_plain_rates:
-        runs += _through_plain_relay(bench, plan, runs, base, model)
+    for reference in (PlainRelay, Forwarder) if plan.s1_plain_rates else ():
+        runs += _through_reference(bench, plan, reference, runs, base, model)
     litellm = start_litellm() if plan.s1_litellm_rates else None
     if litellm is not None:
         try:
@@ -108,23 +109,29 @@ def _run_at(runs: list[dict[str, Any]], surface: Surface, rate: float) -> dict[s
     return next((r for r in runs if r["rate"] == rate and r["surface"] == surface.name), None)
 
 
-def _through_plain_relay(
-    bench: Bench, plan: Plan, runs: list[dict[str, Any]], base: Surface, model: str
+def _through_reference(
+    bench: Bench,
+    plan: Plan,
+    server: type[PlainRelay | Forwarder],
+    runs: list[dict[str, Any]],
+    base: Surface,
+    model: str,
 ) -> list[dict[str, Any]]:
-    """bench/plain_relay.py at `plan.s1_plain_rates`: what a relay with nothing tuned does on
-    this machine, against the upstream's own (`base`) runs at the same rates in `runs`."""
-    plain_runs: list[dict[str, Any]] = []
-    with PlainRelay(bench.python, bench.workdir, bench.upstream_port) as plain:
-        warm_up(bench, plan, plain.sse())
+    """`server` (the yardstick or the forwarder) at `plan.s1_plain_rates`, against the
+    upstream's own (`base`) runs at the same rates in `runs`."""
+    reference_runs: list[dict[str, Any]] = []
+    with server(bench.python, bench.workdir, bench.upstream_port) as reference:
+        surface = reference.sse()
+        warm_up(bench, plan, surface)
         for rate in plan.s1_plain_rates:
             baseline = _run_at(runs, base, rate)
             if baseline is None:
                 continue
-            bench.say(f"scenario 1, the plain relay at {rate:g} requests/s")
+            bench.say(f"scenario 1, {surface.name} at {rate:g} requests/s")
             options = {"rate": rate, "duration": plan.s1_duration, "timeout": 30}
-            worker = plain.worker_pids[0]
-            plain_runs.append(_through_worker(bench, plain.sse(), worker, model, options, baseline))
-    return plain_runs
+            worker = reference.worker_pids[0]
+            reference_runs.append(_through_worker(bench, surface, worker, model, options, baseline))
+    return reference_runs
 
 
 def _through_one_relay(

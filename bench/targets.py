@@ -1,6 +1,6 @@
 """What the load generator is pointed at: the fake upstream itself, the relay's two surfaces, the
-issue's yardstick (bench/plain_relay.py) and LiteLLM's proxy, each started the way its users
-start it.
+issue's yardstick (bench/plain_relay.py), a byte forwarder (bench/forwarder.py) and LiteLLM's
+proxy, each started the way its users start it.
 
 A `Surface` names one endpoint and how to ask it for a model; the same model name reaches the
 fake upstream unchanged through each of them, so every surface gets the same upstream timing.
@@ -157,6 +157,31 @@ class PlainRelay(_Gunicorn):
 
     def sse(self) -> Surface:
         return Surface("plain-sse", self.port, "/v1/chat/completions", "sse")
+
+
+class Forwarder:
+    """bench/forwarder.py in front of the upstream: the floor under every relay here."""
+
+    def __init__(self, python: str, workdir: Path, upstream_port: int) -> None:
+        self.port = free_port()
+        command = [python, "-m", "bench.forwarder", "--port", str(self.port)]
+        command += ["--upstream-port", str(upstream_port)]
+        log = workdir / f"forwarder-{self.port}.log"
+        self.service = Service("forwarder", command, dict(os.environ), log)
+
+    def __enter__(self) -> Forwarder:
+        self.service.start(self.port, "/healthz", timeout=20)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.service.stop()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [self.service.pid]
+
+    def sse(self) -> Surface:
+        return Surface("forward-sse", self.port, "/api/v1/chat/completions", "sse")
 
 
 LITELLM_PYTHON = ROOT / "bench" / ".venv-litellm" / "bin" / "python"
