@@ -459,13 +459,16 @@ def _profiles(result: dict[str, Any], results: dict[str, Any]) -> str:
 
 
 def _instructions(result: dict[str, Any]) -> str:
-    """The instruction counts (bench/instructions.py): the same on a fast machine and a slow one."""
+    """The instruction counts (bench/instructions.py): far steadier than the timings."""
     if "error" in result or "unavailable" in result:
         return f"Not counted: {result.get('error') or result['unavailable']}\n"
     text = (
         "What the relay's worker executes per request, counted by callgrind (valgrind) in user "
-        "space: unlike the timings above, the same on a fast machine or a slow one for the same "
-        f"code, libraries and {result.get('valgrind', 'valgrind')}, to a few tenths of a percent. "
+        "space: far steadier than the timings above for the same code, libraries and "
+        f"{result.get('valgrind', 'valgrind')}, but not fixed. The worker's timers run by the "
+        "clock, and two runs of unchanged code have differed by 3.5 % (one beside the test "
+        "suite), more than the batches of one run: compare rows within a run, and a change "
+        "between runs beside the yardstick's rows. "
         f"Batches of {result['requests']} requests one after another on one "
         "keep-alive connection; the median of the batches. A *further token* is the difference "
         f"between 1 + {result['tokens']} tokens 20 ms apart and one token, over "
