@@ -179,7 +179,7 @@ def _scenario1(result: dict[str, Any]) -> str:
     header = ["offered req/s", "surface", "achieved req/s", "errors", "TTFB p50", "TTFT p50"]
     header += ["TTFT p99", "overhead p50", "overhead p99", "ratio p50 / p99"]
     header += ["inter-read gap p99", "worker CPU", "worker waiting for a CPU"]
-    return text + _table(header, rows) + _yardstick(result) + _repeats(result)
+    return text + _table(header, rows) + _yardstick(result) + _floor(result) + _repeats(result)
 
 
 ISSUE_YARDSTICK = (
@@ -226,8 +226,7 @@ def _yardstick(result: dict[str, Any]) -> str:
         text += f", at which cost it would saturate near {1000 / plain_cpu:,.0f} req/s"
     if relay_cpu:
         text += f"; the relay's SSE surface used {_ms(relay_cpu, 2)} at the same rate"
-    text += ". The yardstick's figures tell how fast this machine is for this kind of work.\n"
-    return text + _floor(result)
+    return text + ". The yardstick's figures tell how fast this machine is for this kind of work.\n"
 
 
 def _floor(result: dict[str, Any]) -> str:
@@ -242,9 +241,10 @@ def _floor(result: dict[str, Any]) -> str:
     return (
         "\n*forward-sse* is the floor under both, `bench/forwarder.py`: a gevent process that "
         "copies bytes between the load generator and the upstream, parsing nothing. It added "
-        f"{added} (p50): what the hop alone costs on this machine, two more processes woken on "
-        "the way to each first token, before any HTTP parsing, Flask, validation or requests. "
-        "A relay's own work is what it adds above this row.\n"
+        f"{added} (p50): what the hop alone costs on this machine, two more wake-ups on the way "
+        "to each first token, before any HTTP parsing, Flask, validation or requests. A relay's "
+        "own work is what it adds above this row, within the direct runs' own spread between "
+        "rates.\n"
     )
 
 
@@ -466,9 +466,9 @@ def _instructions(result: dict[str, Any]) -> str:
         "What the relay's worker executes per request, counted by callgrind (valgrind) in user "
         "space: far steadier than the timings above for the same code, libraries and "
         f"{result.get('valgrind', 'valgrind')}, but not fixed. The worker's timers run by the "
-        "clock, and two runs of unchanged code have differed by 3.5 % (one beside the test "
-        "suite), more than the batches of one run: compare rows within a run, and a change "
-        "between runs beside the yardstick's rows. "
+        "clock, and two runs of unchanged code can differ by a few percent, more than the "
+        "batches of one run: compare rows within a run, and a change between runs beside the "
+        "yardstick's rows. "
         f"Batches of {result['requests']} requests one after another on one "
         "keep-alive connection; the median of the batches. A *further token* is the difference "
         f"between 1 + {result['tokens']} tokens 20 ms apart and one token, over "
