@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from bench.fake_upstream import TOKEN, Timing, model_name
@@ -61,14 +61,15 @@ def added_latency(
 
     Per offered rate: the upstream directly, then the relay's text and SSE surfaces (one
     worker), then LiteLLM's proxy at the rates it can take at all; the relay worker's CPU use
-    over each run tells how close it is to saturation. The targets' rate is then measured
-    again (`repeats`), each time through a relay started for it; then, at
-    `plan.s1_plain_rates`, the issue's yardstick (bench/plain_relay.py) and the floor under
-    both, a byte forwarder (bench/forwarder.py).
+    over each run tells how close it is to saturation. At `plan.s1_plain_rates` the issue's
+    yardstick (bench/plain_relay.py) and the floor under both, a byte forwarder
+    (bench/forwarder.py), follow the relay against the same direct run. The targets' rate is
+    then measured again (`repeats`), each time through a relay started for it.
     """
     model = model_name(plan.s1_timing)
     base = direct(bench.upstream_port)
-    runs = _through_one_relay(bench, plan, base, model, plan.s1_rates)
+    references = (PlainRelay, Forwarder) if plan.s1_plain_rates else ()
+    runs = _through_one_relay(bench, plan, base, model, plan.s1_rates, references=references)
     repeats: list[dict[str, Any]] = []
     # Round 1 is the sweep's run at the targets' rate; a sweep without that rate has none.
     rounds = plan.s1_repeats if plan.s1_target_rate in plan.s1_rates else 1
@@ -77,8 +78,6 @@ def added_latency(
             bench, plan, base, model, [plan.s1_target_rate], f", round {round_}"
         )
         repeats += [{**run, "round": round_} for run in again]
-    for reference in (PlainRelay, Forwarder) if plan.s1_plain_rates else ():
-        runs += _through_reference(bench, plan, reference, runs, base, model)
     litellm = start_litellm() if plan.s1_litellm_rates else None
     if litellm is not None:
         try:
@@ -109,54 +108,52 @@ def _run_at(runs: list[dict[str, Any]], surface: Surface, rate: float) -> dict[s
     return next((r for r in runs if r["rate"] == rate and r["surface"] == surface.name), None)
 
 
-def _through_reference(
+def _through_one_relay(
     bench: Bench,
     plan: Plan,
-    server: type[PlainRelay | Forwarder],
-    runs: list[dict[str, Any]],
     base: Surface,
     model: str,
+    rates: list[float],
+    label: str = "",
+    references: tuple[type[PlainRelay | Forwarder], ...] = (),
 ) -> list[dict[str, Any]]:
-    """`server` (the yardstick or the forwarder) at `plan.s1_plain_rates`, against the
-    upstream's own (`base`) runs at the same rates in `runs`."""
-    reference_runs: list[dict[str, Any]] = []
-    with server(bench.python, bench.workdir, bench.upstream_port) as reference:
-        surface = reference.sse()
-        warm_up(bench, plan, surface)
-        for rate in plan.s1_plain_rates:
-            baseline = _run_at(runs, base, rate)
-            if baseline is None:
-                continue
-            bench.say(f"scenario 1, {surface.name} at {rate:g} requests/s")
-            options = {"rate": rate, "duration": plan.s1_duration, "timeout": 30}
-            worker = reference.worker_pids[0]
-            reference_runs.append(_through_worker(bench, surface, worker, model, options, baseline))
-    return reference_runs
-
-
-def _through_one_relay(
-    bench: Bench, plan: Plan, base: Surface, model: str, rates: list[float], label: str = ""
-) -> list[dict[str, Any]]:
-    """`_at_rate` at each of `rates`, through one relay started (and warmed up) for them."""
+    """`_at_rate` at each of `rates`, through one relay started (and warmed up) for them, and
+    through `references` started beside it at the rates in `plan.s1_plain_rates`."""
     runs: list[dict[str, Any]] = []
-    with relay_for(bench) as relay:
-        for surface in (relay.text(), relay.sse()):
+    with relay_for(bench) as relay, ExitStack() as stack:
+        started = [
+            stack.enter_context(server(bench.python, bench.workdir, bench.upstream_port))
+            for server in references
+        ]
+        servers: list[tuple[Surface, Relay | PlainRelay | Forwarder]] = [
+            (relay.text(), relay),
+            (relay.sse(), relay),
+        ]
+        servers += [(reference.sse(), reference) for reference in started]
+        for surface, _ in servers:
             warm_up(bench, plan, surface)
         for rate in rates:
             bench.say(f"scenario 1 at {rate:g} requests/s{label}")
-            runs += _at_rate(bench, plan, relay, base, model, rate)
+            at_rate = servers if rate in plan.s1_plain_rates else servers[:2]
+            runs += _at_rate(bench, plan, at_rate, base, model, rate)
     return runs
 
 
 def _at_rate(
-    bench: Bench, plan: Plan, relay: Relay, base: Surface, model: str, rate: float
+    bench: Bench,
+    plan: Plan,
+    servers: list[tuple[Surface, Relay | PlainRelay | Forwarder]],
+    base: Surface,
+    model: str,
+    rate: float,
 ) -> list[dict[str, Any]]:
-    """The upstream directly, then the relay's text and SSE surfaces, at one offered rate."""
+    """The upstream directly, then each surface through its one-worker server, at one offered
+    rate: every overhead is over that one direct run."""
     options = {"rate": rate, "duration": plan.s1_duration, "timeout": 30}
     baseline, _ = run_load(bench, base, model, **options, record_gaps=True)
     runs = [{**baseline, "rate": rate}]
-    for surface in (relay.text(), relay.sse()):
-        worker = relay.worker_pids[0]
+    for surface, server in servers:
+        worker = server.worker_pids[0]
         runs.append(_through_worker(bench, surface, worker, model, options, baseline))
     return runs
 
