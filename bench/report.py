@@ -243,8 +243,7 @@ def _floor(result: dict[str, Any]) -> str:
         "copies bytes between the load generator and the upstream, parsing nothing. It added "
         f"{added} (p50): what the hop alone costs on this machine, two more wake-ups on the way "
         "to each first token, before any HTTP parsing, Flask, validation or requests. A relay's "
-        "own work is what it adds above this row, within the direct runs' own spread between "
-        "rates.\n"
+        "own work is what it adds above this row at the same rate.\n"
     )
 
 
