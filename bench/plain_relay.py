@@ -17,6 +17,8 @@ import requests
 import sseclient
 from flask import Flask, Response, request
 
+from bench.targets import RELAY_KEY
+
 app = Flask(__name__)
 session = requests.Session()
 UPSTREAM = os.environ.get("PLAIN_UPSTREAM", "http://127.0.0.1:8900/api/v1")
@@ -34,7 +36,7 @@ def chat_completions() -> Response:
     upstream = session.post(
         f"{UPSTREAM}/chat/completions",
         json=request.get_json(),
-        headers={"Authorization": "Bearer sk-or-v1-bench"},
+        headers={"Authorization": f"Bearer {RELAY_KEY}"},
         stream=True,
         timeout=60,
     )

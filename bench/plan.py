@@ -25,7 +25,7 @@ class Plan:
     s1_repeats: int = 3
     # The issue's yardstick (bench/plain_relay.py) and the byte forwarder (bench/forwarder.py), at
     # the rates the issue quotes and the targets' rate.
-    s1_plain_rates: list[float] = field(default_factory=lambda: [50, 100, 200])
+    s1_reference_rates: list[float] = field(default_factory=lambda: [50, 100, 200])
     s1_litellm_rates: list[float] = field(default_factory=lambda: [50, 100])
     s1_litellm_duration: float = 10
     s2_timing: Timing = field(default_factory=lambda: Timing(ttft=1.5, tokens=20, gap=0.0))
@@ -60,7 +60,7 @@ SMOKE = Plan(
     s1_duration=0.5,
     s1_target_rate=20,
     s1_repeats=2,
-    s1_plain_rates=[20],
+    s1_reference_rates=[20],
     s1_litellm_rates=[],
     s2_timing=Timing(ttft=0.1, tokens=20, gap=0.0),
     s2_rate=20,

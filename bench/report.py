@@ -203,11 +203,15 @@ def _cpu_ms_per_request(run: dict[str, Any]) -> float | None:
     return run["worker_cpu"] / run["achieved_rate"] * 1000
 
 
+def _by_rate(result: dict[str, Any], surface: str) -> dict[float, dict[str, Any]]:
+    """Scenario 1's sweep runs of `surface`, by offered rate."""
+    return {run["rate"]: run for run in result["runs"] if run["surface"] == surface}
+
+
 def _yardstick(result: dict[str, Any]) -> str:
     """The plain relay against the relay, at the rate the issue quotes (runs before the
     yardstick was added have no plain-sse rows, and get nothing here)."""
-    plain = {r["rate"]: r for r in result["runs"] if r["surface"] == "plain-sse"}
-    relay = {r["rate"]: r for r in result["runs"] if r["surface"] == "relay-sse"}
+    plain, relay = _by_rate(result, "plain-sse"), _by_rate(result, "relay-sse")
     if not plain:
         return ""
     rate = 100 if 100 in plain else min(plain)
@@ -232,7 +236,7 @@ def _yardstick(result: dict[str, Any]) -> str:
 def _floor(result: dict[str, Any]) -> str:
     """The byte forwarder's overhead: what the hop alone costs (runs before it was added have no
     forward-sse rows, and get nothing here)."""
-    floor = {r["rate"]: r for r in result["runs"] if r["surface"] == "forward-sse"}
+    floor = _by_rate(result, "forward-sse")
     if not floor:
         return ""
     added = ", ".join(

@@ -61,14 +61,14 @@ def added_latency(
 
     Per offered rate: the upstream directly, then the relay's text and SSE surfaces (one
     worker), then LiteLLM's proxy at the rates it can take at all; the relay worker's CPU use
-    over each run tells how close it is to saturation. At `plan.s1_plain_rates` the issue's
+    over each run tells how close it is to saturation. At `plan.s1_reference_rates` the issue's
     yardstick (bench/plain_relay.py) and the floor under both, a byte forwarder
     (bench/forwarder.py), follow the relay against the same direct run. The targets' rate is
     then measured again (`repeats`), each time through a relay started for it.
     """
     model = model_name(plan.s1_timing)
     base = direct(bench.upstream_port)
-    references = (PlainRelay, Forwarder) if plan.s1_plain_rates else ()
+    references = (PlainRelay, Forwarder) if plan.s1_reference_rates else ()
     runs = _through_one_relay(bench, plan, base, model, plan.s1_rates, references=references)
     repeats: list[dict[str, Any]] = []
     # Round 1 is the sweep's run at the targets' rate; a sweep without that rate has none.
@@ -118,23 +118,21 @@ def _through_one_relay(
     references: tuple[type[PlainRelay | Forwarder], ...] = (),
 ) -> list[dict[str, Any]]:
     """`_at_rate` at each of `rates`, through one relay started (and warmed up) for them, and
-    through `references` started beside it at the rates in `plan.s1_plain_rates`."""
+    through `references` started beside it at the rates in `plan.s1_reference_rates`."""
     runs: list[dict[str, Any]] = []
     with relay_for(bench) as relay, ExitStack() as stack:
         started = [
             stack.enter_context(server(bench.python, bench.workdir, bench.upstream_port))
             for server in references
         ]
-        servers: list[tuple[Surface, Relay | PlainRelay | Forwarder]] = [
-            (relay.text(), relay),
-            (relay.sse(), relay),
-        ]
-        servers += [(reference.sse(), reference) for reference in started]
-        for surface, _ in servers:
+        relays: list[tuple[Surface, Relay | PlainRelay | Forwarder]]
+        relays = [(relay.text(), relay), (relay.sse(), relay)]
+        beside = [(reference.sse(), reference) for reference in started]
+        for surface, _ in relays + beside:
             warm_up(bench, plan, surface)
         for rate in rates:
             bench.say(f"scenario 1 at {rate:g} requests/s{label}")
-            at_rate = servers if rate in plan.s1_plain_rates else servers[:2]
+            at_rate = relays + beside if rate in plan.s1_reference_rates else relays
             runs += _at_rate(bench, plan, at_rate, base, model, rate)
     return runs
 
