@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from typing import Any
@@ -10,7 +11,11 @@ from typing import Any
 from flask import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .errors import BadRequest, PayloadTooLarge
+from .errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
+
+log = logging.getLogger("relay")
+
+MAX_DEPTH = 100
 
 # A body decoded as UTF-8 holds no surrogate: JSON's \uD800-\uDFFF escapes are the only way in.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -28,6 +33,47 @@ def _finite_float(text: str) -> float:
     if math.isinf(number):
         raise ValueError(f"{text} is too large for a number")
     return number
+
+
+def _read_body(request: Request) -> bytes:
+    limit = request.max_content_length
+    try:
+        raw = request.get_data(cache=False)
+        # Werkzeug stops reading a body without a length (chunked) at the limit without a word;
+        # one byte more from the server's stream tells a body cut short from one that fits.
+        if (
+            limit is not None
+            and request.content_length is None
+            and len(raw) >= limit
+            and request.environ["wsgi.input"].read(1)
+        ):
+            raise RequestEntityTooLarge()
+    except RequestEntityTooLarge:
+        raise PayloadTooLarge(
+            f"Request body is larger than the {limit}-byte limit", {"body": ["Too large."]}
+        ) from None
+    except Exception as error:  # the server's reader: a malformed chunk, a dropped connection
+        log.info("could not read a request body: %s", type(error).__name__)
+        raise BadRequest(
+            "Request body could not be read (malformed chunked encoding, or cut short)",
+            {"body": ["Unreadable."]},
+        ) from None
+    return raw
+
+
+def _deeper_than(payload: Any, limit: int) -> bool:
+    """Whether `payload` nests objects and arrays more than `limit` levels deep."""
+    level, depth = [payload], 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        below: list[Any] = []
+        for value in level:
+            children = value.values() if isinstance(value, dict) else value
+            below.extend(child for child in children if isinstance(child, dict | list))
+        level = below
+    return False
 
 
 def _lone_surrogate_at(payload: Any) -> str | None:
@@ -49,14 +95,15 @@ def _lone_surrogate_at(payload: Any) -> str | None:
 
 
 def read_json_object(request: Request) -> dict[str, Any]:
-    """The request body as a dict; raises BadRequest or PayloadTooLarge with a readable message."""
-    try:
-        raw = request.get_data(cache=False)
-    except RequestEntityTooLarge:
-        limit = request.max_content_length
-        raise PayloadTooLarge(
-            f"Request body is larger than the {limit}-byte limit", {"body": ["Too large."]}
-        ) from None
+    """The request body as a dict; raises BadRequest, PayloadTooLarge or UnsupportedEncoding with
+    a readable message."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedEncoding(
+            f"Request bodies must not be compressed (Content-Encoding: {encoding[:40]})",
+            {"Content-Encoding": ["Not supported; send the body uncompressed."]},
+        )
+    raw = _read_body(request)
     if not raw:
         raise BadRequest("Request body is empty; send a JSON object", {"body": ["Empty."]})
     try:
@@ -74,7 +121,12 @@ def read_json_object(request: Request) -> dict[str, Any]:
             {"body": ["Not JSON."]},
         ) from None
     except (ValueError, RecursionError) as error:
-        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        if isinstance(error, RecursionError):
+            reason = "nested too deeply"
+        elif "integer string conversion" in str(error):
+            reason = "a number with too many digits"
+        else:
+            reason = str(error)
         raise BadRequest(
             f"Request body is not valid JSON: {reason}", {"body": ["Not JSON."]}
         ) from None
@@ -82,6 +134,14 @@ def read_json_object(request: Request) -> dict[str, Any]:
         raise BadRequest(
             f"Request body must be a JSON object, not {type(payload).__name__}",
             {"body": ["Not an object."]},
+        )
+    # Bodies nested this deep are no real request, and a few hundred levels more would make
+    # serialising the payload for OpenRouter fail. Counting brackets (a scan in C) spares the
+    # walk to nearly every body.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(payload, MAX_DEPTH):
+        raise BadRequest(
+            f"Request body is nested more than {MAX_DEPTH} levels deep",
+            {"body": ["Nested too deeply."]},
         )
     # A lone surrogate cannot be encoded to send upstream; a cheap scan of the bytes finds bodies
     # that may hold one, and only those are walked.

@@ -11,7 +11,7 @@ from flask.cli import AppGroup
 
 from .migrations import LATEST, current_version, upgrade
 from .profiles import ProfileError, ProfileStore
-from .reports import usage_rows
+from .reports import parse_moment, usage_rows
 
 db = AppGroup("db", help="The database schema.")
 profiles = AppGroup("profiles", help="Who may call the relay, with which key and models.")
@@ -160,7 +160,7 @@ class IsoDateTime(click.ParamType):
         if isinstance(value, datetime):
             return value
         try:
-            return datetime.fromisoformat(value)
+            return parse_moment(value)
         except ValueError:
             self.fail(f"{value!r} is not an ISO 8601 date or time", param, ctx)
 

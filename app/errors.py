@@ -46,6 +46,10 @@ class PayloadTooLarge(BadRequest):
     status = 413
 
 
+class UnsupportedEncoding(BadRequest):
+    status = 415
+
+
 class Unauthorized(RelayError):
     """No valid profile token (or own OpenRouter key) came with the request."""
 
@@ -206,6 +210,9 @@ def as_relay_error(error: Exception) -> RelayError:
             return PayloadTooLarge("Request body is too large", {"body": ["Too large."]})
         relay_error = RelayError(error.description, status=error.code)
         relay_error.kind = "invalid_request_error" if (error.code or 500) < 500 else "server_error"
+        relay_error.headers.update(
+            (name, value) for name, value in error.get_headers() if name == "Allow"
+        )  # a 405 names the methods the path takes
         return relay_error
     log.exception("unexpected error while handling a request")
     return RelayError()

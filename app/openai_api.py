@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from .bodies import read_json_object
 from .calls import complete, event_stream_response, open_stream
 from .errors import BadRequest, RelayError, handle_errors_as, render_openai_error
 from .keys import Caller, resolve_caller
-from .reports import caller_summary
+from .reports import caller_summary, parse_moment
 from .schemas import ChatCompletionRequest, load
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -64,7 +62,7 @@ def usage_summary() -> Response:
     caller = _require_caller()
     since = request.args.get("since")
     try:
-        start = datetime.fromisoformat(since) if since else None
+        start = parse_moment(since) if since else None
     except ValueError:
         raise BadRequest(
             "since must be an ISO 8601 date or time", {"since": ["Not a date."]}

@@ -60,6 +60,16 @@ def caller_summary(engine: Engine, caller: str, since: datetime | None = None) -
     }
 
 
+def parse_moment(text: str) -> datetime:
+    """An ISO 8601 date or time; ValueError unless it is one that has a UTC equivalent."""
+    moment = datetime.fromisoformat(text)
+    try:
+        _as_utc(moment)  # 9999-12-31T23:59-05:00 is past the last moment a datetime can hold
+    except OverflowError:
+        raise ValueError(f"{text!r} is out of range") from None
+    return moment
+
+
 def _as_utc(moment: datetime) -> datetime:
     """`moment` in UTC; without a time zone it is taken to be UTC already."""
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from marshmallow import (
@@ -83,6 +85,44 @@ class OtherPart(Schema):
 OTHER_PART = OtherPart()
 
 
+# Far above any real request, and each refused at once, before any item is read: a body of
+# empty objects within MAX_REQUEST_BYTES would otherwise take the worker's CPU for a minute.
+MAX_MESSAGES = 10_000
+MAX_ITEMS = 1_000  # content parts of one message, tools, tool calls of one message
+_ITEMS_PER_TURN = 256
+
+
+def _taking_turns(items: list[Any]) -> Iterator[Any]:
+    """`items`, letting the worker's other requests run between every few hundred (under gevent
+    `time.sleep(0)` yields): validating ten thousand messages takes a tenth of a second or more."""
+    for index, item in enumerate(items):
+        if index and not index % _ITEMS_PER_TURN:
+            time.sleep(0)
+        yield item
+
+
+def _refuse_longer_than(value: Any, max_items: int) -> None:
+    if isinstance(value, list) and len(value) > max_items:
+        raise ValidationError(f"Longer than maximum length {max_items}.")
+
+
+class BoundedList(fields.List):
+    """A list of at most `max_items`, refused before any item is read (the Length validator
+    only runs after, and documents the bound in the OpenAPI description)."""
+
+    def __init__(self, inner: fields.Field, max_items: int = MAX_ITEMS, **kwargs: Any) -> None:
+        validators = kwargs.pop("validate", [])
+        validators = [validators] if callable(validators) else list(validators)
+        super().__init__(inner, validate=[*validators, validate.Length(max=max_items)], **kwargs)
+        self.max_items = max_items
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        _refuse_longer_than(value, self.max_items)
+        if isinstance(value, list) and len(value) > _ITEMS_PER_TURN:
+            value = _taking_turns(value)
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class MessageContent(fields.Field):
     """A message's content: a string, or a list of typed parts (text, image_url, ...)."""
 
@@ -91,8 +131,11 @@ class MessageContent(fields.Field):
             return value
         if not isinstance(value, list):
             raise ValidationError("Must be a string or a list of content parts.")
+        _refuse_longer_than(value, MAX_ITEMS)
         parts, errors = [], {}
-        for index, part in enumerate(value):
+        for index, part in enumerate(
+            value if len(value) <= _ITEMS_PER_TURN else _taking_turns(value)
+        ):
             if not isinstance(part, dict):
                 errors[index] = ["Must be an object with a type."]
                 continue
@@ -135,7 +178,7 @@ class Message(Schema):
     content = MessageContent(allow_none=True)
     name = fields.String()
     tool_call_id = NonEmptyString()
-    tool_calls = fields.List(fields.Nested(ToolCall))
+    tool_calls = BoundedList(fields.Nested(ToolCall))
 
     @validates_schema
     def content_is_present(self, message: dict[str, Any], **kwargs: Any) -> None:
@@ -148,7 +191,9 @@ class Message(Schema):
 
 
 def messages_field() -> fields.List:
-    return fields.List(fields.Nested(Message), required=True, validate=validate.Length(min=1))
+    return BoundedList(
+        fields.Nested(Message), MAX_MESSAGES, required=True, validate=validate.Length(min=1)
+    )
 
 
 class ChatSettings(Schema):
@@ -285,7 +330,7 @@ class ChatCompletionRequest(Schema):
     logprobs = StrictBoolean()
     top_logprobs = StrictInteger(validate=validate.Range(min=0, max=20))
     response_format = fields.Nested(ResponseFormat)
-    tools = fields.List(fields.Nested(Tool))
+    tools = BoundedList(fields.Nested(Tool))
     tool_choice = ToolChoice()
     parallel_tool_calls = StrictBoolean()
     user = fields.String()
@@ -303,6 +348,9 @@ class ChatCompletionRequest(Schema):
             raise ValidationError("Give a model, or a list of models to try in order.", "model")
 
 
+MAX_PROBLEMS_LISTED = 100
+
+
 def load(schema: Schema, payload: dict[str, Any]) -> dict[str, Any]:
     """Validate `payload` against `schema`, raising BadRequest that names every bad field."""
     try:
@@ -316,6 +364,8 @@ def load(schema: Schema, payload: dict[str, Any]) -> dict[str, Any]:
         sentence = f"Invalid request: {path}: {messages[0]}"
         if more:
             sentence += f" (and {more} more problem{'s' if more > 1 else ''})"
+        if len(problems) > MAX_PROBLEMS_LISTED:  # the sentence counts them all
+            problems = dict(list(problems.items())[:MAX_PROBLEMS_LISTED])
         raise BadRequest(sentence, problems) from None
 
 
