@@ -241,8 +241,12 @@ class ChatStream:
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             raise _protocol_error("an event without choices")
-        if choices and isinstance(choices[0], dict) and choices[0].get("finish_reason") == "error":
-            raise _stream_error(None)
+        if choices:
+            choice = choices[0]
+            if not isinstance(choice, dict) or not isinstance(choice.get("delta") or {}, dict):
+                raise _protocol_error("a choice that is not an object with a delta object")
+            if choice.get("finish_reason") == "error":
+                raise _stream_error(None)
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         if self.first_event_at is None:

@@ -41,7 +41,8 @@ def commit_on_first_piece(pieces: Iterator[bytes]) -> Iterator[bytes]:
     """Read up to the first piece now, so that a failure before it is still an error response.
 
     Returns the whole body as an iterator. Once the first piece is out, a failure cuts the
-    connection (StreamCutOff) so that the client can never mistake the answer for complete.
+    connection (StreamCutOff) so that the client can never mistake the answer for complete:
+    also when the client seemed to have gone (it may only have closed its side for sending).
     """
     first = next(pieces, None)
     return _cut_off_on_failure(first, pieces)
@@ -53,7 +54,7 @@ def _cut_off_on_failure(first: bytes | None, pieces: Iterator[bytes]) -> Iterato
             yield first
         yield from pieces
     except ClientDisconnected:
-        return
+        raise StreamCutOff("the client went away") from None
     except RelayError as error:
         log.warning("cutting off the response after its first byte: %s", error.message)
         raise StreamCutOff(error.message) from None
@@ -73,20 +74,28 @@ def present_as_sse(batches: Iterator, first: list | None = None) -> Iterator[byt
     try:
         yield b": connected\n\n"
         if first:
-            yield "".join([f"data: {data}\n\n" for data, _ in first]).encode()
+            yield _events(first)
         for batch in batches:
             if batch is HEARTBEAT:
                 yield b": keep-alive\n\n"
             elif batch:
-                yield "".join([f"data: {data}\n\n" for data, _ in batch]).encode()
+                yield _events(batch)
         yield b"data: [DONE]\n\n"
     except ClientDisconnected:
-        return
+        # Cut, not ended: a client that only closed its side for sending still reads.
+        raise StreamCutOff("the client went away") from None
     except RelayError as error:
         log.warning("ending the event stream with an error event: %s", error.message)
         yield b"data: " + json.dumps(stream_error_body(error)).encode() + b"\n\n"
     finally:
         batches.close()
+
+
+def _events(batch: list) -> bytes:
+    """Events as sent; an event whose data spans lines keeps a `data:` field per line."""
+    return "".join(
+        ["data: " + data.replace("\n", "\ndata: ") + "\n\n" for data, _ in batch]
+    ).encode()
 
 
 def stream_error_body(error: RelayError) -> dict[str, object]:
