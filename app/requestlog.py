@@ -177,14 +177,21 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s relay: %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # A message may quote what a client sent (a path): it must not start a line of its own.
+        text = _one_line(super().formatMessage(record))
         fields = record.__dict__.get("fields")
         if fields:
-            text += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            text += " " + " ".join(
+                f"{k}={_one_line(str(v))}" for k, v in fields.items() if v is not None
+            )
         elif request_id := current_request_id.get():
             text += f" request_id={request_id}"
         return text
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def configure_logging(log_format: str) -> None:

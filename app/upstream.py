@@ -191,7 +191,7 @@ def _error_from(response: requests.Response) -> UpstreamError:
     relay_status = status if 400 <= status <= 599 else 502
     try:
         error = UpstreamError.from_body(json.loads(raw)["error"], relay_status)
-        log.info("upstream answered %s: %s", status, error.message)
+        log.warning("upstream answered %s: %s", status, error.message)
     except (ValueError, KeyError, TypeError):
         log.warning("upstream answered %s without OpenRouter's error JSON", status)
         error = UpstreamError(f"OpenRouter answered with status {status}", status=relay_status)
