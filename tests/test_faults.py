@@ -461,6 +461,7 @@ def patient_relay(fake_server, tmp_path_factory):
         UPSTREAM_RETRY_BACKOFF="0.05",
         RETRY_AFTER_MAX=str(SILENCE),
         HEARTBEAT_INTERVAL="0.3",  # the event stream begins while OpenRouter is still silent
+        DEFAULT_CONCURRENCY="1",  # a request that kept its slot would have the next one refused
     )
 
 
