@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Response, current_app, request
 
-from .disconnects import watch_for_disconnect
+from .disconnects import DisconnectWatch
 from .events import ChatStream
 from .heartbeats import HEARTBEAT, HeartbeatReader
 from .keys import Caller
@@ -25,23 +25,26 @@ def open_stream(
 ) -> tuple[ChatStream, dict[str, str]]:
     """Start a chat stream for `caller`; returns it with the headers its response carries.
 
-    Raises the caller's refusal (RateLimited, BudgetExhausted, ...) or the UpstreamError that
-    kept the stream from starting; either way nothing is left held.
+    Raises the caller's refusal (RateLimited, BudgetExhausted, ...), the UpstreamError that
+    kept the stream from starting, or ClientDisconnected when the client left before it started;
+    either way nothing is left held.
     """
     extensions = current_app.extensions
     row = UsageRow(caller.name, surface, model)
     note_usage(row)
     admission = extensions["relay.quotas"].admit(caller)
     ledger = extensions["relay.ledger"]
-    with admission.released_on_failure(), ledger.recording_failures(row):
+    watch = DisconnectWatch(request.environ)
+    with admission.released_on_failure(), ledger.recording_failures(row), watch.interrupting():
         stream = extensions["relay.openrouter"].open_chat_stream(
             payload, caller.key, current_request_id.get()
         )
+    stream.on_close(watch.stop)
     stream.on_close(admission.release)
     ledger.follow(stream, row)
     try:
         count_open_stream(stream, surface)
-        stream.on_close(watch_for_disconnect(request.environ, stream.abandon))
+        watch.hand_over(stream.abandon)  # the same watch, so that no moment goes unwatched
     except BaseException:
         stream.close()
         raise
@@ -102,12 +105,14 @@ def complete(
     note_usage(row)
     admission = extensions["relay.quotas"].admit(caller)
     ledger = extensions["relay.ledger"]
+    watch = DisconnectWatch(request.environ)
     try:
-        with ledger.recording_failures(row):
+        with ledger.recording_failures(row), watch.interrupting():
             raw, completion, retries = extensions["relay.openrouter"].complete_chat(
                 payload, caller.key, current_request_id.get()
             )
     finally:
+        watch.stop()
         admission.release()
     row.take_completion(completion, retries)
     ledger.record(row)

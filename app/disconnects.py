@@ -1,7 +1,8 @@
 """Noticing at once that a client went away, even while nothing is being written to it.
 
 Without this a relay only learns of it at its next write, which can be minutes away while a
-reasoning model thinks, and OpenRouter keeps generating (and billing) all that time.
+reasoning model thinks (or while OpenRouter has not even answered), and OpenRouter keeps
+generating (and billing) all that time.
 """
 
 from __future__ import annotations
@@ -10,44 +11,112 @@ import functools
 import logging
 import socket
 from collections.abc import Callable, Mapping
+from types import TracebackType
 from typing import Any
+
+from gevent import get_hub, monkey, spawn
+from greenlet import getcurrent
+
+from .errors import ClientDisconnected
 
 log = logging.getLogger("relay")
 
 
-def _keep_going() -> None:
-    pass
+class _ClientGone(BaseException):
+    """Thrown into the greenlet making an upstream call when its client left. A BaseException,
+    like gevent's Timeout, so that no `except Exception` on the way (requests', urllib3's, ours)
+    mistakes it for a failure of the call; `DisconnectWatch` turns it into ClientDisconnected."""
 
 
-def watch_for_disconnect(
-    environ: Mapping[str, Any], on_disconnect: Callable[[], None]
-) -> Callable[[], None]:
-    """Call `on_disconnect` as soon as the client closes its connection; return a stop function.
+class DisconnectWatch:
+    """Watches a request's client socket, from before its upstream call to the end of its stream.
+
+    While a block runs under `interrupting()`, the client's going away raises ClientDisconnected
+    there, wherever that block waits (connecting, sending, waiting for OpenRouter's headers or
+    body, a retry's back-off): the upstream call is abandoned, its connection closed. After
+    `hand_over(on_disconnect)` it calls `on_disconnect` instead. One bare event-loop watcher does
+    both, not a greenlet of its own: a greenlet is started only in the rare case that the
+    client's socket becomes readable while it is watched.
 
     Works where the server hands over the client socket (gunicorn's `gunicorn.socket`) and gevent
     runs the process; elsewhere it does nothing and a gone client is noticed at the next write.
-    The watch is a bare event-loop watcher, not a greenlet of its own: a greenlet is started
-    only in the rare case that the client's socket becomes readable mid-response.
     """
-    client = environ.get("gunicorn.socket")
-    if client is None or not _gevent_is_running():
-        return _keep_going
-    from gevent import get_hub, spawn
 
-    watcher = get_hub().loop.io(client.fileno(), _READABLE)
-    checks = []
+    def __init__(self, environ: Mapping[str, Any]) -> None:
+        self._client = environ.get("gunicorn.socket")
+        self._watcher: Any = None
+        self._interrupted: Any = None  # the greenlet an interrupting block runs in, while it runs
+        self._on_disconnect: Callable[[], None] | None = None
+        self._gone = False
+        self._checks: list[Any] = []
+        if self._client is not None and _gevent_is_running():
+            self._watcher = get_hub().loop.io(self._client.fileno(), _READABLE)
+            self._watcher.start(self._readable)
 
-    def readable() -> None:
-        watcher.stop()  # one look tells all this watch can tell
-        checks.append(spawn(_check, client, on_disconnect))  # a callback must not block
+    def interrupting(self) -> DisconnectWatch:
+        """A context for the upstream call: the client's going away raises ClientDisconnected
+        in it. A block that raises ends the watch (there is nothing left to watch for)."""
+        return self
 
-    def stop() -> None:
-        watcher.close()
-        for check in checks:
+    def __enter__(self) -> None:
+        if self._watcher is not None:
+            self._interrupted = getcurrent()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._interrupted = None
+        if kind is None:
+            return
+        self.stop()
+        if kind is _ClientGone:
+            log.info("client went away; closing the upstream connection")
+            raise ClientDisconnected() from None
+
+    def hand_over(self, on_disconnect: Callable[[], None]) -> None:
+        """From now on call `on_disconnect` when the client goes away (at once, if it already
+        has), until `stop()`."""
+        if self._gone:
+            on_disconnect()
+        else:
+            self._on_disconnect = on_disconnect
+
+    def stop(self) -> None:
+        """End the watch; safe to call more than once."""
+        self._on_disconnect = None
+        if self._watcher is not None:
+            self._watcher.close()
+        for check in self._checks:
             check.kill(block=False)
 
-    watcher.start(readable)
-    return stop
+    def _readable(self) -> None:
+        self._watcher.stop()  # one look tells all this watch can tell
+        self._checks.append(spawn(self._check))  # a callback must not block
+
+    def _check(self) -> None:
+        try:
+            # Readable with nothing to read is the client's FIN. Bytes mean a pipelined request:
+            # the client is still there, and this watch can tell no more.
+            gone = self._client.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            gone = True
+        if not gone:
+            return
+        self._gone = True
+        if self._interrupted is not None:
+            # Thrown from the event loop, as gevent.kill does: a greenlet parked in a wait takes
+            # it there. Whether it still makes the call is looked at when the throw is due.
+            get_hub().loop.run_callback(self._interrupt)
+        elif self._on_disconnect is not None:
+            self._on_disconnect()
+
+    def _interrupt(self) -> None:
+        interrupted = self._interrupted
+        if interrupted is not None:
+            interrupted.throw(_ClientGone)
 
 
 _READABLE = 1  # libev's EV_READ
@@ -56,19 +125,4 @@ _READABLE = 1  # libev's EV_READ
 @functools.cache
 def _gevent_is_running() -> bool:
     """Whether gevent patched this process (once patched, always: the worker patches first)."""
-    try:
-        from gevent import monkey
-    except ImportError:
-        return False
     return monkey.is_module_patched("socket")
-
-
-def _check(client: socket.socket, on_disconnect: Callable[[], None]) -> None:
-    try:
-        # Readable with nothing to read is the client's FIN. Bytes mean a pipelined request:
-        # the client is still there, and this watch can tell no more.
-        gone = client.recv(1, socket.MSG_PEEK) == b""
-    except OSError:
-        gone = True
-    if gone:
-        on_disconnect()

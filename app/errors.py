@@ -170,6 +170,7 @@ class ClientDisconnected(RelayError):
 
     status = 499
     kind = "client_closed_request"
+    outcome = "client_aborted"
     message = "The client closed the connection"
 
 

@@ -26,7 +26,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .background import LazyThread
 from .database import usage
-from .errors import UpstreamError
+from .errors import ClientDisconnected, UpstreamError
 from .events import ChatStream
 from .metrics import LEDGER_DEPTH, LEDGER_DROPPED
 
@@ -90,7 +90,7 @@ class UsageRow:
         self.upstream_status = 200
         self.retries = retries
 
-    def take_failure(self, error: UpstreamError) -> None:
+    def take_failure(self, error: UpstreamError | ClientDisconnected) -> None:
         self.outcome = error.outcome
         self.upstream_status = error.status
         self.retries = getattr(error, "retries", 0)
@@ -197,10 +197,11 @@ class Ledger:
 
     @contextmanager
     def recording_failures(self, row: UsageRow) -> Iterator[None]:
-        """Record `row` if the upstream call in this block fails before its answer begins."""
+        """Record `row` if the upstream call in this block fails before its answer begins, or
+        is abandoned because the client left."""
         try:
             yield
-        except UpstreamError as error:
+        except (UpstreamError, ClientDisconnected) as error:
             row.take_failure(error)
             self.record(row)
             raise

@@ -65,7 +65,11 @@ class OpenRouter:
                 "instead of an event stream"
             )
         stream = ChatStream(response)
-        self.stalls.watch(stream)
+        try:
+            self.stalls.watch(stream)  # the first one starts the sweeper, and may wait for it
+        except BaseException:  # interrupted meanwhile (the client left): nobody else would close it
+            stream.close()
+            raise
         return stream
 
     def complete_chat(

@@ -181,6 +181,10 @@ class RelayProcess:
         for output in self._outputs:
             output.close()
 
+    @property
+    def database_url(self) -> str:
+        return self._env["DATABASE_URL"]
+
     def stdout_lines(self) -> list[str]:
         """The web process's stdout so far, as whole lines (one still being written is left out)."""
         text = self.log_path.read_text(errors="replace")

@@ -20,11 +20,14 @@ from pathlib import Path
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
+from app.database import engine_for, usage
 from tests.conftest import RelayProcess, env_for, sqlite_url
-from tests.fake_openrouter import Scenario
+from tests.fake_openrouter import Scenario, wait_for
 from tests.tcp_proxy import TcpProxy
 from tests.test_end_to_end import start_raw_stream
+from tests.test_observability import request_lines
 
 TEXT = "/api/chat/openrouter"
 SSE = "/v1/chat/completions"
@@ -439,3 +442,116 @@ def test_streams_still_running_at_the_graceful_timeout_end_aborted(start_relay, 
     # measured (it looks once a second, then gives them 1 s), not at the master's kill, which
     # comes at GRACEFUL_TIMEOUT + 6.
     assert graceful <= cut_after < graceful + 3.5
+
+
+# OpenRouter that has not answered yet, and a relay that would wait far longer for it (and retry)
+# than a client's going away may take to be noticed.
+SILENCE = 60.0
+PATIENT_READ_TIMEOUT = 10.0
+ENDPOINTS = {"text": TEXT, "json": SSE, "sse": SSE}
+
+
+@pytest.fixture(scope="module")
+def patient_relay(fake_server, tmp_path_factory):
+    yield from relay_for_the_module(
+        fake_server,
+        tmp_path_factory,
+        UPSTREAM_READ_TIMEOUT=str(PATIENT_READ_TIMEOUT),
+        UPSTREAM_RETRIES="2",
+        UPSTREAM_RETRY_BACKOFF="0.05",
+        RETRY_AFTER_MAX=str(SILENCE),
+        HEARTBEAT_INTERVAL="0.3",  # the event stream begins while OpenRouter is still silent
+        DEFAULT_CONCURRENCY="1",  # a request that kept its slot would have the next one refused
+    )
+
+
+def request_of(kind: str, model: str) -> dict:
+    if kind == "json":
+        return {"model": model, "messages": MESSAGES}
+    return payload(ENDPOINTS[kind], model)
+
+
+def leave_while_openrouter_is_silent(relay, fake, kind: str, model: str) -> float:
+    """Send a chat request as a bare socket and close it once OpenRouter has it (and, on the
+    event stream, once the response has begun); returns when it was closed."""
+    with start_raw_stream(relay.port, request_of(kind, model), path=ENDPOINTS[kind]) as client:
+        assert fake.wait_for(lambda: bool(fake.requests_for(model)), 5)
+        if kind == "sse":
+            assert client.recv(65536).startswith(b"HTTP/1.1 200")
+    return time.monotonic()
+
+
+def line_of(relay, model: str) -> dict:
+    """The request's log line (written once its response closed: the request is over)."""
+    lines: list[dict] = []
+
+    def logged() -> bool:
+        lines[:] = [line for line in request_lines(relay) if line["model"] == model]
+        return bool(lines)
+
+    assert wait_for(logged, 10), f"no log line for {model}"
+    (line,) = lines
+    return line
+
+
+def ledger_outcomes(relay, model: str) -> list[str]:
+    engine = engine_for(relay.database_url, "")
+    try:
+        with engine.connect() as connection:
+            query = select(usage.c.outcome).where(usage.c.model_requested == model)
+            return list(connection.scalars(query))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ENDPOINTS)
+def test_a_client_gone_before_openrouter_answers_ends_the_upstream_call_at_once(
+    patient_relay, fake, kind
+):
+    model = f"m/mute-{kind}"
+    fake.script(model, Scenario(headers_delay=SILENCE))
+    left = leave_while_openrouter_is_silent(patient_relay, fake, kind, model)
+    (upstream,) = fake.requests_for(model)
+    assert fake.wait_for(lambda: upstream.client_gone is not None, PATIENT_READ_TIMEOUT / 2)
+    assert upstream.client_gone - left < PATIENT_READ_TIMEOUT / 2  # not the read timeout's doing
+    line = line_of(patient_relay, model)
+    assert (line["outcome"], line["status"]) == ("client_aborted", 200 if kind == "sse" else 499)
+    assert len(fake.requests_for(model)) == 1  # never retried
+    assert fake.wait_for(lambda: ledger_outcomes(patient_relay, model) == ["client_aborted"], 5)
+    assert "Traceback" not in patient_relay.log()
+    assert_nothing_left(patient_relay, fake)
+
+
+@pytest.mark.parametrize("kind", ENDPOINTS)
+def test_a_client_gone_while_a_retry_waits_ends_the_wait_and_the_retries(patient_relay, fake, kind):
+    model = f"m/busy-{kind}"
+    fake.script(model, Scenario(status=503, retry_after=str(SILENCE)), Scenario())
+    leave_while_openrouter_is_silent(patient_relay, fake, kind, model)
+    line = line_of(patient_relay, model)
+    assert line["outcome"] == "client_aborted"
+    assert line["duration_ms"] < PATIENT_READ_TIMEOUT * 1000 / 2
+    assert len(fake.requests_for(model)) == 1
+    assert_nothing_left(patient_relay, fake)
+
+
+@pytest.mark.parametrize("kind", ENDPOINTS)
+def test_a_client_that_stays_is_answered_as_ever_after_others_left_early(patient_relay, fake, kind):
+    model = f"m/after-{kind}"
+    fake.script(model, Scenario(headers_delay=SILENCE), Scenario(headers_delay=0.5))
+    leave_while_openrouter_is_silent(patient_relay, fake, kind, model)
+    assert line_of(patient_relay, model)["outcome"] == "client_aborted"
+    answer = requests.post(
+        patient_relay.url + ENDPOINTS[kind],
+        json=request_of(kind, model),
+        headers={"Connection": "close"},
+        timeout=30,
+    )
+    assert answer.status_code == 200
+    if kind == "text":
+        assert answer.text == "Hello, world!"
+    elif kind == "json":
+        assert answer.json()["choices"][0]["message"]["content"] == "Hello, world!"
+    else:
+        assert answer.text.endswith("data: [DONE]\n\n")
+    assert len(fake.requests_for(model)) == 2
+    assert_nothing_left(patient_relay, fake)
