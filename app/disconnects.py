@@ -7,6 +7,7 @@ generating (and billing) all that time.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import socket
@@ -50,6 +51,9 @@ class DisconnectWatch:
         self._gone = False
         self._checks: list[Any] = []
         if self._client is not None and _gevent_is_running():
+            # The check runs in a greenlet of its own, in the request's context: what it logs
+            # names the request.
+            self._context = contextvars.copy_context()
             self._watcher = get_hub().loop.io(self._client.fileno(), _READABLE)
             self._watcher.start(self._readable)
 
@@ -94,7 +98,7 @@ class DisconnectWatch:
 
     def _readable(self) -> None:
         self._watcher.stop()  # one look tells all this watch can tell
-        self._checks.append(spawn(self._check))  # a callback must not block
+        self._checks.append(spawn(self._context.run, self._check))  # a callback must not block
 
     def _check(self) -> None:
         try:

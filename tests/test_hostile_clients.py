@@ -14,7 +14,7 @@ import requests
 
 from app.schemas import MAX_ITEMS, MAX_MESSAGES, MAX_PROBLEMS_LISTED
 from tests.fake_openrouter import Scenario
-from tests.test_end_to_end import ENDPOINT, body
+from tests.test_end_to_end import ENDPOINT, body, start_raw_stream
 
 OPENAI = "/v1/chat/completions"
 
@@ -201,3 +201,18 @@ def test_a_half_closed_client_never_sees_a_clean_end_of_a_cut_answer(
     assert not response.endswith(b"0\r\n\r\n")
     assert b"[DONE]" not in response
     assert fake.wait_for(lambda: fake.requests_for("m/half")[0].client_gone is not None, 5)
+
+
+def test_the_line_saying_a_client_went_away_names_its_request(module_relay, fake):
+    fake.script("m/leave", Scenario(tokens=["word "] * 200, interval=0.05))
+    mark = module_relay.log_mark()
+    with start_raw_stream(module_relay.port, body("m/leave")) as client:
+        assert b"200 OK" in client.recv(4096)
+    assert fake.wait_for(lambda: fake.requests_for("m/leave")[0].client_gone is not None, 5)
+    time.sleep(0.2)  # the access line comes after
+    lines = module_relay.log(since=mark).splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    gone = [r for r in records if r["message"].startswith("client went away")]
+    access = [r for r in records if r.get("model") == "m/leave"]
+    assert len(gone) == 1
+    assert gone[0]["request_id"] == access[0]["request_id"]
