@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from typing import Any
 
 from marshmallow import (
@@ -17,6 +15,7 @@ from marshmallow import (
     validates_schema,
 )
 
+from .bounds import MAX_ITEMS, MAX_MESSAGES, BoundedDict, BoundedList, body_budget, take
 from .errors import BadRequest
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -85,44 +84,6 @@ class OtherPart(Schema):
 OTHER_PART = OtherPart()
 
 
-# Far above any real request, and each refused at once, before any item is read: a body of
-# empty objects within MAX_REQUEST_BYTES would otherwise take the worker's CPU for a minute.
-MAX_MESSAGES = 10_000
-MAX_ITEMS = 1_000  # content parts of one message, tools, tool calls of one message
-_ITEMS_PER_TURN = 256
-
-
-def _taking_turns(items: list[Any]) -> Iterator[Any]:
-    """`items`, letting the worker's other requests run between every few hundred (under gevent
-    `time.sleep(0)` yields): validating ten thousand messages takes a tenth of a second or more."""
-    for index, item in enumerate(items):
-        if index and not index % _ITEMS_PER_TURN:
-            time.sleep(0)
-        yield item
-
-
-def _refuse_longer_than(value: Any, max_items: int) -> None:
-    if isinstance(value, list) and len(value) > max_items:
-        raise ValidationError(f"Longer than maximum length {max_items}.")
-
-
-class BoundedList(fields.List):
-    """A list of at most `max_items`, refused before any item is read (the Length validator
-    only runs after, and documents the bound in the OpenAPI description)."""
-
-    def __init__(self, inner: fields.Field, max_items: int = MAX_ITEMS, **kwargs: Any) -> None:
-        validators = kwargs.pop("validate", [])
-        validators = [validators] if callable(validators) else list(validators)
-        super().__init__(inner, validate=[*validators, validate.Length(max=max_items)], **kwargs)
-        self.max_items = max_items
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
-        _refuse_longer_than(value, self.max_items)
-        if isinstance(value, list) and len(value) > _ITEMS_PER_TURN:
-            value = _taking_turns(value)
-        return super()._deserialize(value, attr, data, **kwargs)
-
-
 class MessageContent(fields.Field):
     """A message's content: a string, or a list of typed parts (text, image_url, ...)."""
 
@@ -131,11 +92,8 @@ class MessageContent(fields.Field):
             return value
         if not isinstance(value, list):
             raise ValidationError("Must be a string or a list of content parts.")
-        _refuse_longer_than(value, MAX_ITEMS)
         parts, errors = [], {}
-        for index, part in enumerate(
-            value if len(value) <= _ITEMS_PER_TURN else _taking_turns(value)
-        ):
+        for index, part in enumerate(take(value, MAX_ITEMS)):
             if not isinstance(part, dict):
                 errors[index] = ["Must be an object with a type."]
                 continue
@@ -309,7 +267,7 @@ class ChatCompletionRequest(Schema):
         unknown = INCLUDE
 
     model = ModelName()
-    models = fields.List(ModelName(), validate=validate.Length(min=1))
+    models = BoundedList(ModelName(), validate=validate.Length(min=1))
     messages = messages_field()
     stream = StrictBoolean()
     stream_options = fields.Dict()
@@ -326,7 +284,7 @@ class ChatCompletionRequest(Schema):
     seed = StrictInteger()
     stop = Stop()
     n = StrictInteger(validate=validate.Range(min=1))
-    logit_bias = fields.Dict(keys=fields.String(), values=Number(validate=_range(-100, 100)))
+    logit_bias = BoundedDict(keys=fields.String(), values=Number(validate=_range(-100, 100)))
     logprobs = StrictBoolean()
     top_logprobs = StrictInteger(validate=validate.Range(min=0, max=20))
     response_format = fields.Nested(ResponseFormat)
@@ -335,11 +293,11 @@ class ChatCompletionRequest(Schema):
     parallel_tool_calls = StrictBoolean()
     user = fields.String()
     provider = fields.Dict()
-    transforms = fields.List(fields.String())
+    transforms = BoundedList(fields.String())
     route = fields.String(validate=validate.OneOf(("fallback",)))
     reasoning = fields.Nested(Reasoning)
     usage = fields.Dict()
-    plugins = fields.List(fields.Dict())
+    plugins = BoundedList(fields.Dict())
     prediction = fields.Dict()
 
     @validates_schema
@@ -354,7 +312,8 @@ MAX_PROBLEMS_LISTED = 100
 def load(schema: Schema, payload: dict[str, Any]) -> dict[str, Any]:
     """Validate `payload` against `schema`, raising BadRequest that names every bad field."""
     try:
-        return _narrowed(schema, payload).load(payload)
+        with body_budget():
+            return _narrowed(schema, payload).load(payload)
     except ValidationError as error:
         problems: dict[str, list[str]] = {}
         for path, messages in _flatten(error.messages):

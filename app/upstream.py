@@ -14,7 +14,13 @@ import requests
 from urllib3.exceptions import ReadTimeoutError
 
 from .config import Settings
-from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+from .errors import (
+    BadRequest,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from .events import ChatStream
 from .metrics import UPSTREAM_RETRIES, count_upstream_error
 from .pooling import PooledAdapter
@@ -99,7 +105,12 @@ class OpenRouter:
     def _post(
         self, path: str, payload: dict[str, Any], key: str, request_id: str | None
     ) -> requests.Response:
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        try:
+            body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        except RecursionError:  # parsed where the stack was shallower: in another greenlet
+            raise BadRequest(
+                "Request body is nested too deeply", {"body": ["Nested too deeply."]}
+            ) from None
         return self._send("POST", path, body, key, request_id)
 
     def _send(
