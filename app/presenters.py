@@ -94,8 +94,15 @@ def present_as_sse(batches: Iterator, first: list | None = None) -> Iterator[byt
 def _events(batch: list) -> bytes:
     """Events as sent; an event whose data spans lines keeps a `data:` field per line."""
     return "".join(
-        ["data: " + data.replace("\n", "\ndata: ") + "\n\n" for data, _ in batch]
+        [
+            f"data: {_one_field_per_line(data)}\n\n" if "\n" in data else f"data: {data}\n\n"
+            for data, _ in batch
+        ]
     ).encode()
+
+
+def _one_field_per_line(data: str) -> str:
+    return data.replace("\n", "\ndata: ")
 
 
 def stream_error_body(error: RelayError) -> dict[str, object]:
