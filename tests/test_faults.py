@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -471,13 +471,16 @@ def request_of(kind: str, model: str) -> dict:
     return payload(ENDPOINTS[kind], model)
 
 
-def leave_while_openrouter_is_silent(relay, fake, kind: str, model: str) -> float:
+def leave_while_openrouter_is_silent(
+    relay, fake, kind: str, model: str, until: Callable[[], bool] = lambda: True
+) -> float:
     """Send a chat request as a bare socket and close it once OpenRouter has it (and, on the
-    event stream, once the response has begun); returns when it was closed."""
+    event stream, once the response has begun) and `until()` holds; returns when it was closed."""
     with start_raw_stream(relay.port, request_of(kind, model), path=ENDPOINTS[kind]) as client:
         assert fake.wait_for(lambda: bool(fake.requests_for(model)), 5)
         if kind == "sse":
             assert client.recv(65536).startswith(b"HTTP/1.1 200")
+        assert wait_for(until, 5)
     return time.monotonic()
 
 
@@ -526,7 +529,10 @@ def test_a_client_gone_before_openrouter_answers_ends_the_upstream_call_at_once(
 def test_a_client_gone_while_a_retry_waits_ends_the_wait_and_the_retries(patient_relay, fake, kind):
     model = f"m/busy-{kind}"
     fake.script(model, Scenario(status=503, retry_after=str(SILENCE)), Scenario())
-    leave_while_openrouter_is_silent(patient_relay, fake, kind, model)
+    mark = patient_relay.log_mark()
+    leave_while_openrouter_is_silent(
+        patient_relay, fake, kind, model, until=lambda: "retry 1 of" in patient_relay.log(mark)
+    )
     line = line_of(patient_relay, model)
     assert line["outcome"] == "client_aborted"
     assert line["duration_ms"] < PATIENT_READ_TIMEOUT * 1000 / 2
