@@ -49,7 +49,7 @@ class DisconnectWatch:
         self._interrupted: Any = None  # the greenlet an interrupting block runs in, while it runs
         self._on_disconnect: Callable[[], None] | None = None
         self._gone = False
-        self._checks: list[Any] = []
+        self._checker: Any = None  # the one look at the socket, once it is readable
         if self._client is not None and _gevent_is_running():
             # The check runs in a greenlet of its own, in the request's context: what it logs
             # names the request.
@@ -93,12 +93,12 @@ class DisconnectWatch:
         self._on_disconnect = None
         if self._watcher is not None:
             self._watcher.close()
-        for check in self._checks:
-            check.kill(block=False)
+        if self._checker is not None:
+            self._checker.kill(block=False)
 
     def _readable(self) -> None:
         self._watcher.stop()  # one look tells all this watch can tell
-        self._checks.append(spawn(self._context.run, self._check))  # a callback must not block
+        self._checker = spawn(self._context.run, self._check)  # a callback must not block
 
     def _check(self) -> None:
         try:

@@ -86,7 +86,7 @@ class ChatStream:
             return "completed"
         if self.failed_as is not None and not self.abandoned:
             return self.failed_as
-        return "client_aborted"
+        return ClientDisconnected.outcome
 
     def _chunks(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
         try:
