@@ -28,7 +28,8 @@ for _stale in _metrics_dir.glob("*.db"):
     _stale.unlink()
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
 
-worker_class = "gevent"
+# gunicorn's gevent worker, its own refusals (unparsable requests) answered in JSON: app/worker.py
+worker_class = "app.worker.RelayWorker"
 bind = f"0.0.0.0:{_settings.port}"
 workers = _settings.web_concurrency
 worker_connections = _settings.worker_connections

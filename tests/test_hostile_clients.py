@@ -253,3 +253,42 @@ def test_the_line_saying_a_client_went_away_names_its_request(module_relay, fake
     access = [r for r in records() if r.get("model") == "m/leave"]
     assert len(gone) == 1
     assert gone[0]["request_id"] == access[0]["request_id"]
+
+
+_TOKEN = "tok-never-echoed-4711"
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "param"),
+    [
+        # A header typed without its colon: gunicorn logged and echoed the whole line.
+        (
+            f"POST {ENDPOINT} HTTP/1.1\r\nHost: r\r\nAuthorization Bearer {_TOKEN}\r\n\r\n",
+            400,
+            "headers",
+        ),
+        (f"POST {OPENAI} HTTP/1.1\r\nHost: r\r\nX-Big: {'a' * 9000}\r\n\r\n", 431, "headers"),
+        (f"GET /{'a' * 5000} HTTP/1.1\r\nHost: r\r\n\r\n", 414, "url"),
+        (f"POST {OPENAI} HTTP/1.1\r\nHost: r\r\nContent-Length: zz\r\n\r\n", 400, "content-length"),
+        (
+            f"POST {OPENAI} HTTP/1.1\r\nHost: r\r\nAuthorization: Bearer {_TOKEN}\x01\r\n\r\n",
+            400,
+            "headers",
+        ),
+    ],
+    ids=["no-colon", "header-too-large", "line-too-long", "bad-length", "control-character"],
+)
+def test_what_gunicorn_refuses_is_json_naming_the_part_at_fault_never_echoed(
+    module_relay, head, status, param
+):
+    mark = module_relay.log_mark()
+    response = raw_exchange(module_relay.port, head, b"")
+    got, payload = status_and_json(response)
+    assert got == status
+    assert payload["error"]["param"] == param
+    assert payload["message"] == payload["error"]["message"]
+    assert b"application/json" in response.partition(b"\r\n\r\n")[0]
+    assert _TOKEN.encode() not in response
+    log = module_relay.log(since=mark)
+    assert f"refused a request gunicorn could not parse: {status}" in log
+    assert _TOKEN not in log
