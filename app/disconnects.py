@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import select
 import socket
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
-from gevent import get_hub, monkey, spawn
+from gevent import get_hub, monkey, spawn, spawn_later
 from greenlet import getcurrent
 
 from .errors import ClientDisconnected
@@ -49,7 +50,7 @@ class DisconnectWatch:
         self._interrupted: Any = None  # the greenlet an interrupting block runs in, while it runs
         self._on_disconnect: Callable[[], None] | None = None
         self._gone = False
-        self._checker: Any = None  # the one look at the socket, once it is readable
+        self._checker: Any = None  # the look at the socket once it is readable (or the next)
         if self._client is not None and _gevent_is_running():
             # The check runs in a greenlet of its own, in the request's context: what it logs
             # names the request.
@@ -97,17 +98,14 @@ class DisconnectWatch:
             self._checker.kill(block=False)
 
     def _readable(self) -> None:
-        self._watcher.stop()  # one look tells all this watch can tell
+        self._watcher.stop()  # bytes left unread would wake it on every turn of the loop
         self._checker = spawn(self._context.run, self._check)  # a callback must not block
 
     def _check(self) -> None:
-        try:
-            # Readable with nothing to read is the client's FIN. Bytes mean a pipelined request:
-            # the client is still there, and this watch can tell no more.
-            gone = self._client.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
-            gone = True
-        if not gone:
+        if not _has_left(self._client):
+            # Bytes without a FIN: a pipelined request, or TLS's close_notify, which a client
+            # closing politely sends just before its FIN. Look again in a while.
+            self._checker = spawn_later(_LOOK_AGAIN, self._context.run, self._check)
             return
         self._gone = True
         if self._interrupted is not None:
@@ -124,6 +122,30 @@ class DisconnectWatch:
 
 
 _READABLE = 1  # libev's EV_READ
+_LOOK_AGAIN = 0.5  # seconds
+# Linux's poll tells a FIN even behind bytes not read yet; gevent's patched select has no poll.
+_RDHUP = getattr(select, "POLLRDHUP", 0)
+_poll = monkey.get_original("select", "poll") if _RDHUP else None
+
+
+def _has_left(client: socket.socket) -> bool:
+    """Whether a client socket that became readable means the client closed its side.
+
+    Its FIN says so: where the kernel tells it (POLLRDHUP), also when bytes came first, as TLS's
+    close_notify does before a client closes; elsewhere, a socket readable with nothing to read.
+    Bytes alone (a pipelined request) say the client is still there.
+    """
+    try:
+        if _poll is not None:
+            poller = _poll()
+            poller.register(client.fileno(), select.POLLIN | _RDHUP)
+            hung_up = _RDHUP | select.POLLHUP | select.POLLERR
+            return any(events & hung_up for _, events in poller.poll(0))
+        return client.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+    except ValueError:  # a TLS socket cannot be peeked at
+        return False
 
 
 @functools.cache

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
 from tests.conftest import run_under_gevent
 
 # Each script patches first; `client` stands for the relay's end of a client connection,
@@ -83,3 +92,70 @@ print("finished")
 """
     )
     assert printed.split() == ["finished"]
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.mark.parametrize("close_notify", [False, True], ids=["fin", "close-notify-then-fin"])
+def test_a_tls_client_gone_is_noticed_too(tmp_path, close_notify):
+    """gunicorn terminating TLS hands over a TLS socket, which cannot be peeked at; a client
+    closing politely sends TLS's close_notify before its FIN."""
+    cert, key = _self_signed(tmp_path)
+    printed = run_under_gevent(
+        f"""
+from gevent import monkey; monkey.patch_all()
+import socket, ssl, time
+import gevent
+from app.disconnects import DisconnectWatch
+from app.errors import ClientDisconnected
+server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+server.load_cert_chain({str(cert)!r}, {str(key)!r})
+client_side = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+client_side.check_hostname, client_side.verify_mode = False, ssl.CERT_NONE
+ours, theirs = socket.socketpair()
+accepting = gevent.spawn(server.wrap_socket, ours, server_side=True)
+peer = client_side.wrap_socket(theirs)
+client = accepting.get()
+watch = DisconnectWatch({{"gunicorn.socket": client}})
+
+def leave():
+    if {close_notify}:
+        gevent.spawn(peer.unwrap)  # sends close_notify, then waits for ours, which never comes
+        gevent.sleep(0.05)
+    peer.close()
+
+gevent.spawn_later(0.1, leave)
+started = time.monotonic()
+try:
+    with watch.interrupting():
+        gevent.sleep(30)
+except ClientDisconnected:
+    print("interrupted after", round(time.monotonic() - started, 1))
+"""
+    )
+    assert printed.split()[:2] == ["interrupted", "after"]
+    assert float(printed.split()[2]) < 5
