@@ -81,10 +81,10 @@ class RelayWorker(GeventWorker):
             extra={"fields": {"status": status, "client": addr[0] if addr else ""}},
         )
         with contextlib.suppress(OSError):  # a client already gone: the socket closes next anyway
-            client.sendall(refusal(status, reason, param, message))
+            client.sendall(_refusal(status, reason, param, message))
 
 
-def refusal(status: int, reason: str, param: str, message: str) -> bytes:
+def _refusal(status: int, reason: str, param: str, message: str) -> bytes:
     """A whole HTTP/1.1 answer. Its body carries both of the app's error shapes (chatbot-ui's
     `message` and OpenAI's `error`): before a request is parsed its surface is not known."""
     body = json.dumps(
