@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 from collections.abc import Callable
 
 from flask import Blueprint, Flask, Response, g, jsonify, request
@@ -145,7 +146,19 @@ class UpstreamError(RelayError):
         code = fields.get("code")
         if isinstance(code, int) and 400 <= code <= 599:
             status = code
-        return cls(str(fields.get("message") or cls.message), status=status, code=code)
+        elif isinstance(code, str):
+            code = redact_keys(code)
+        return cls(redact_keys(str(fields.get("message") or cls.message)), status=status, code=code)
+
+
+_OPENROUTER_KEY = re.compile(r"sk-or-[A-Za-z0-9_-]+")
+
+
+def redact_keys(text: str) -> str:
+    """`text` without any OpenRouter key in it. OpenRouter's messages go to the caller and the
+    log, and one that quoted the key it was called with would give away the server's key, or a
+    profile's, which its callers must not hold."""
+    return _OPENROUTER_KEY.sub("sk-or-[redacted]", text) if "sk-or-" in text else text
 
 
 class UpstreamUnreachable(UpstreamError):

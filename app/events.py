@@ -232,7 +232,7 @@ class ChatStream:
     def _interpret(self, data: str) -> dict[str, Any]:
         try:
             chunk = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
             raise _protocol_error("an event that is not JSON") from None
         if not isinstance(chunk, dict):
             raise _protocol_error("an event that is not a JSON object")

@@ -207,7 +207,7 @@ def _error_from(response: requests.Response) -> UpstreamError:
     try:
         error = UpstreamError.from_body(json.loads(raw)["error"], relay_status)
         log.warning("upstream answered %s: %s", status, error.message)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         log.warning("upstream answered %s without OpenRouter's error JSON", status)
         error = UpstreamError(f"OpenRouter answered with status {status}", status=relay_status)
     retry_after = response.headers.get("Retry-After")
@@ -224,6 +224,9 @@ def _json_body(response: requests.Response) -> Any:
         if isinstance(error.args[0] if error.args else None, ReadTimeoutError):
             raise UpstreamTimeout("OpenRouter went silent for too long") from None
         raise UpstreamProtocolError("OpenRouter's answer was cut off") from None
+    except RecursionError:
+        log.warning("upstream answered 200 with JSON nested too deeply to parse")
+        raise UpstreamProtocolError("OpenRouter sent JSON nested too deeply to read") from None
     except ValueError:
         content_type = response.headers.get("Content-Type", "no content type")
         log.warning("upstream answered 200 with a body that is not JSON (%s)", content_type)

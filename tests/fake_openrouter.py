@@ -275,13 +275,13 @@ class _Handler(BaseHTTPRequestHandler):
         if scenario.drop_before_headers:
             self._drop()
         self._pause(received, scenario.headers_delay)
-        if scenario.status != 200:
+        if scenario.raw_body is not None:  # with any status: a proxy's page, a broken body
+            self._send_raw(received, scenario.raw_content_type, scenario.raw_body, scenario.status)
+        elif scenario.status != 200:
             headers = {"Retry-After": scenario.retry_after} if scenario.retry_after else {}
             self._send_error(
                 received, scenario.status, scenario.error_message, scenario.error_metadata, headers
             )
-        elif scenario.raw_body is not None:
-            self._send_raw(received, scenario.raw_content_type, scenario.raw_body)
         elif isinstance(body, dict) and body.get("stream"):
             self._stream(received, scenario, body)
         else:

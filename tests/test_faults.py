@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from app.database import engine_for, usage
-from tests.conftest import RelayProcess, env_for, sqlite_url
+from tests.conftest import SERVER_KEY, RelayProcess, env_for, sqlite_url
 from tests.fake_openrouter import Scenario, wait_for
 from tests.tcp_proxy import TcpProxy
 from tests.test_end_to_end import start_raw_stream
@@ -153,6 +153,10 @@ BEFORE_FIRST_BYTE = {
     "upstream-502": (Scenario(status=502, error_message="Model down"), 502),
     "upstream-503": (Scenario(status=503, error_message="No provider"), 503),
     "html-error-page": (Scenario(status=502, raw_body=b"<html>502 Bad Gateway</html>"), 502),
+    "error-json-too-deep": (
+        Scenario(status=503, raw_body=b"[" * 5000, raw_content_type="application/json"),
+        503,
+    ),
     "200-not-sse": (Scenario(raw_body=b"<html>hello</html>"), 502),
     "drop-before-headers": (Scenario(drop_before_headers=True), 502),
     "slow-headers": (Scenario(headers_delay=READ_TIMEOUT * 3), 504),
@@ -160,6 +164,8 @@ BEFORE_FIRST_BYTE = {
 # Faults after which the connection cannot carry another request: the relay must close it.
 CONNECTION_UNUSABLE = {"200-not-sse", "drop-before-headers", "slow-headers"}
 
+# JSON deeper than Python's parser can go (it raises RecursionError, not ValueError).
+TOO_DEEP = b"data: " + b"[" * 5000 + b"\n\n"
 # A whole event (it ends in a blank line) that is not UTF-8: a sequence cut short by the quote.
 NOT_UTF8 = b'data: {"choices":[{"index":0,"delta":{"content":"\xe2\x9c"}}]}\n\n'
 NOT_JSON = b"data: {not json\n\n"
@@ -174,6 +180,7 @@ BAD_FIRST_EVENT = {
     "first-event-not-json": (Scenario(tokens=[], raw_events=[NOT_JSON]), 502),
     "first-event-without-choices": (Scenario(tokens=[], raw_events=[NO_CHOICES]), 502),
     "first-event-not-utf8": (Scenario(tokens=[], raw_events=[NOT_UTF8]), 502),
+    "first-event-too-deep": (Scenario(tokens=[], raw_events=[TOO_DEEP]), 502),
 }
 
 AFTER_FIRST_BYTE = {
@@ -188,6 +195,7 @@ AFTER_FIRST_BYTE = {
     "no-choices": Scenario(tokens=["a", "b"], raw_events=[NO_CHOICES]),
     "json-cut-short": Scenario(tokens=["a", "b"], raw_events=[JSON_CUT_SHORT]),
     "not-utf8": Scenario(tokens=["a", "b"], raw_events=[NOT_UTF8]),
+    "json-too-deep": Scenario(tokens=["a", "b"], raw_events=[TOO_DEEP]),
     "cut-in-utf8": Scenario(
         tokens=["a", "b"],
         raw_events=[b'data: {"choices":[{"index":0,"delta":{"content":"\xe2\x9c'],
@@ -294,6 +302,21 @@ def test_a_failure_before_the_first_byte_is_retried_unseen(retrying_relay, fake,
     first, second = fake.requests_for("m/flaky")
     assert second.started - first.started >= wait
     assert_nothing_left(retrying_relay, fake)
+
+
+def test_a_key_quoted_by_openrouter_reaches_neither_the_caller_nor_the_log(faulty_relay, fake):
+    quoted = f"Invalid API key: {SERVER_KEY}"
+    fake.script("m/quote", Scenario(status=401, error_message=quoted))
+    fake.script("m/quote-later", Scenario(tokens=["a", "b"], error_after=1, error_message=quoted))
+    mark = faulty_relay.log_mark()
+    answers = [chat(faulty_relay, surface, "m/quote") for surface in (TEXT, SSE)]
+    assert [answer.status_code for answer in answers] == [401, 401]
+    answers.append(chat(faulty_relay, SSE, "m/quote-later"))
+    for answer in answers:
+        assert "Invalid API key: sk-or-[redacted]" in answer.text
+        assert SERVER_KEY not in answer.text
+    assert "Invalid API key: sk-or-[redacted]" in faulty_relay.log(since=mark)
+    assert SERVER_KEY not in faulty_relay.log(since=mark)
 
 
 def test_a_stalled_upstream_is_cut_within_the_read_timeout_and_closed(faulty_relay, fake):

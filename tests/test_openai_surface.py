@@ -144,6 +144,7 @@ def test_a_whole_completion_is_the_upstreams_json(client, fake):
     [
         (Scenario(raw_body=b"<html>proxy error</html>", raw_content_type="text/html"), 502),
         (Scenario(raw_body=b'{"error": {"code": 503, "message": "No provider"}}'), 503),
+        (Scenario(raw_body=b"[" * 5000, raw_content_type="application/json"), 502),
         (Scenario(status=402, error_message="Insufficient credits"), 402),
     ],
 )
