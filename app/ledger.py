@@ -65,13 +65,17 @@ class UsageRow:
     started: float = field(default_factory=time.monotonic, repr=False)
 
     def take_usage(self, usage_report: dict[str, Any] | None) -> None:
+        """OpenRouter's usage figures; a negative one is dropped (it would lower the month's
+        spend, and metrics' counters refuse it)."""
         if not isinstance(usage_report, dict):
             return
         for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-            if isinstance(usage_report.get(name), int):
-                setattr(self, name, _FITS[name](usage_report[name]))
-        if isinstance(usage_report.get("cost"), int | float):
-            self.cost = _FITS["cost"](usage_report["cost"])
+            count = usage_report.get(name)
+            if isinstance(count, int) and count >= 0:
+                setattr(self, name, _FITS[name](count))
+        cost = usage_report.get("cost")
+        if isinstance(cost, int | float) and cost >= 0:  # NaN is not
+            self.cost = _FITS["cost"](cost)
 
     def take_stream(self, stream: ChatStream) -> None:
         self.generation_id = stream.generation_id

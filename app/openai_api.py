@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, Response, current_app, jsonify, request
+from sqlalchemy.exc import SQLAlchemyError
 
 from .bodies import read_json_object
 from .calls import complete, event_stream_response, open_stream
-from .errors import BadRequest, RelayError, handle_errors_as, render_openai_error
+from .errors import (
+    BadRequest,
+    RelayError,
+    StorageUnavailable,
+    handle_errors_as,
+    render_openai_error,
+)
 from .keys import Caller, resolve_caller
 from .reports import caller_summary, parse_moment
 from .schemas import ChatCompletionRequest, load
 
+log = logging.getLogger("relay")
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
 _chat_completion_request = ChatCompletionRequest()
@@ -67,7 +77,14 @@ def usage_summary() -> Response:
         raise BadRequest(
             "since must be an ISO 8601 date or time", {"since": ["Not a date."]}
         ) from None
-    return jsonify(caller_summary(current_app.extensions["relay.database"], caller.name, start))
+    try:
+        summary = caller_summary(current_app.extensions["relay.database"], caller.name, start)
+    except SQLAlchemyError as error:
+        log.warning("usage totals unavailable: %s", type(error).__name__)
+        raise StorageUnavailable(
+            "The relay's usage ledger cannot be read right now; try again shortly"
+        ) from None
+    return jsonify(summary)
 
 
 def _require_caller() -> Caller:

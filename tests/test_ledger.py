@@ -172,6 +172,34 @@ def test_values_the_columns_cannot_hold_are_fitted_and_the_row_written(app, toke
     assert row["cost"] is None and row["generation_id"] is None
 
 
+def test_usage_that_cannot_be_true_is_dropped_not_subtracted_from_the_spend(app, token, fake):
+    impossible = {"prompt_tokens": -5, "completion_tokens": 3, "total_tokens": -2, "cost": -0.5}
+    completion = {
+        "id": "gen-impossible",
+        "model": "m/negative",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": impossible,
+    }
+    fake.script(
+        "m/negative",
+        Scenario(raw_body=json.dumps(completion).encode(), raw_content_type="application/json"),
+    )
+    body = {"model": "m/negative", "messages": MESSAGES}
+    response = app.test_client().post("/v1/chat/completions", json=body, headers=auth(token))
+    assert response.status_code == 200
+    (row,) = rows(app)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (None, 3)
+    assert (row["total_tokens"], row["cost"]) == (None, None)
+
+
+def test_usage_totals_while_the_database_is_away_are_a_503_not_a_500(relay_env, tmp_path):
+    missing = f"sqlite:///{tmp_path / 'missing' / 'relay.sqlite3'}"
+    client = create_app({**relay_env, "DATABASE_URL": missing}).test_client()
+    response = client.get("/v1/usage")
+    assert response.status_code == 503
+    assert "usage ledger" in response.get_json()["error"]["message"]
+
+
 def test_a_row_the_database_refuses_is_dropped_alone_and_the_writer_goes_on(app, caplog):
     ledger = app.extensions["relay.ledger"]
 
