@@ -26,6 +26,9 @@ _READ_SIZE = 64 * 1024
 # otherwise hold the worker until its answer ends, and new requests' first tokens wait for it.
 _READS_PER_TURN = 32
 MAX_EVENT_BYTES = 8 * 1024 * 1024
+# sseclient joins an event's lines one by one, in time that grows with the square of their count:
+# 200,000 lines (1.6 MB) held a worker for over 30 s. OpenRouter's events are one line each.
+MAX_EVENT_LINES = 1_000
 
 
 class ChatStream:
@@ -189,6 +192,7 @@ class ChatStream:
         body = getattr(raw, "_fp", None)
         read = body.read1 if isinstance(body, HTTPResponse) else raw.read1
         unterminated = 0  # bytes since the last event boundary: an event may not grow forever
+        run_on_lines = 0  # lines of an event in the reads after the one it began in
         now = time.monotonic
         reads = 0
         first_event_pending = _served_first(self._response)
@@ -216,9 +220,15 @@ class ChatStream:
                     _prioritise(first_event_pending, 0)
                     first_event_pending = None
                 boundary = data.rfind(b"\n\n")
-                unterminated = (
-                    len(data) - boundary - 2 if boundary >= 0 else unterminated + len(data)
-                )
+                end = boundary + 2 if boundary >= 0 else _other_event_end(data)
+                if end >= 0:
+                    unterminated = len(data) - end
+                    run_on_lines = 0
+                else:
+                    unterminated += len(data)
+                    run_on_lines += max(data.count(b"\n"), data.count(b"\r"))
+                    if run_on_lines > MAX_EVENT_LINES:
+                        raise _protocol_error(f"an event of more than {MAX_EVENT_LINES} lines")
                 if unterminated > MAX_EVENT_BYTES:
                     raise _protocol_error(f"an event larger than {MAX_EVENT_BYTES} bytes")
                 yield data
@@ -280,6 +290,16 @@ def _prioritise(watcher: Any, priority: int) -> bool:
     except (AttributeError, ValueError, TypeError):  # no gevent socket, or a watcher in use
         return False
     return True
+
+
+def _other_event_end(data: bytes) -> int:
+    """Where the last event ending in `data` ends, for the blank lines OpenRouter does not send
+    but the SSE standard allows (CRLF or CR line ends); -1 if none does."""
+    for blank_line in (b"\n\r\n", b"\r\r"):
+        at = data.rfind(blank_line)
+        if at >= 0:
+            return at + len(blank_line)
+    return -1
 
 
 def _plain_delta(data: str) -> bool:

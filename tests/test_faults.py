@@ -196,6 +196,8 @@ AFTER_FIRST_BYTE = {
     "json-cut-short": Scenario(tokens=["a", "b"], raw_events=[JSON_CUT_SHORT]),
     "not-utf8": Scenario(tokens=["a", "b"], raw_events=[NOT_UTF8]),
     "json-too-deep": Scenario(tokens=["a", "b"], raw_events=[TOO_DEEP]),
+    # sseclient's time grows with the square of an event's lines: this one held a worker 30 s.
+    "event-of-many-lines": Scenario(tokens=["a", "b"], raw_events=[b"data: x\n" * 200_000 + b"\n"]),
     "cut-in-utf8": Scenario(
         tokens=["a", "b"],
         raw_events=[b'data: {"choices":[{"index":0,"delta":{"content":"\xe2\x9c'],
@@ -302,6 +304,24 @@ def test_a_failure_before_the_first_byte_is_retried_unseen(retrying_relay, fake,
     first, second = fake.requests_for("m/flaky")
     assert second.started - first.started >= wait
     assert_nothing_left(retrying_relay, fake)
+
+
+@pytest.mark.parametrize("surface", [TEXT, SSE], ids=["text", "sse"])
+@pytest.mark.parametrize("line_end", [b"\r\n", b"\r"], ids=["crlf", "cr"])
+def test_a_long_stream_with_the_standards_other_line_ends_is_relayed_whole(
+    faulty_relay, fake, surface, line_end
+):
+    """Over 8 MiB, and over a thousand lines, in events that each end in a blank line."""
+    piece = "x" * 100_000
+    event = f'data: {{"choices":[{{"index":0,"delta":{{"content":"{piece}"}}}}]}}'.encode()
+    fake.script("m/crlf", Scenario(tokens=[], raw_events=[event + line_end * 2] * 90))
+    with chat(faulty_relay, surface, "m/crlf") as response:
+        assert response.status_code == 200
+        if surface == TEXT:
+            assert response.text == piece * 90
+        else:
+            assert response.text.count(piece) == 90
+            assert response.text.endswith("data: [DONE]\n\n")
 
 
 def test_a_key_quoted_by_openrouter_reaches_neither_the_caller_nor_the_log(faulty_relay, fake):
