@@ -26,6 +26,7 @@ _READ_SIZE = 64 * 1024
 # otherwise hold the worker until its answer ends, and new requests' first tokens wait for it.
 _READS_PER_TURN = 32
 MAX_EVENT_BYTES = 8 * 1024 * 1024
+_DRAIN_WAIT = 0.25  # seconds for the body's end after [DONE]
 # sseclient joins an event's lines one by one, in time that grows with the square of their count:
 # 200,000 lines (1.6 MB) held a worker for over 30 s. OpenRouter's events are one line each.
 MAX_EVENT_LINES = 1_000
@@ -56,7 +57,6 @@ class ChatStream:
         self.retries: int = getattr(response, "relay_retries", 0)
         self.waiting_since: float | None = None  # when the read in progress began, if one is
         self.stalled = False
-        self._read_timeout: float | None = None
         self._on_close: list[Callable[[], None]] = []
         self._skimming = False
 
@@ -123,7 +123,6 @@ class ChatStream:
         """Let reads wait as long as it takes: a StallWatch notices silence instead."""
         connection = getattr(self._response.raw, "_connection", None)
         if getattr(connection, "sock", None) is not None:
-            self._read_timeout = connection.sock.gettimeout()
             connection.sock.settimeout(None)
 
     def stall(self) -> None:
@@ -165,8 +164,12 @@ class ChatStream:
         raw = self._response.raw
         if self.done and raw.connection is not None:
             sock = getattr(raw.connection, "sock", None)
-            if sock is not None and self._read_timeout is not None:  # not forever
-                sock.settimeout(self._read_timeout)
+            if sock is not None:
+                # The body's end follows [DONE] at once. An upstream (a proxy) that keeps the body
+                # open after it must not hold up the answer's end: past this wait the
+                # connection is closed instead of pooled (urllib3 sets the timeout for its next
+                # request).
+                sock.settimeout(_DRAIN_WAIT)
             raw.drain_conn()  # the chunked terminator, normally already buffered
             raw.release_conn()
             return

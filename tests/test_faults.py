@@ -324,6 +324,24 @@ def test_a_long_stream_with_the_standards_other_line_ends_is_relayed_whole(
             assert response.text.endswith("data: [DONE]\n\n")
 
 
+@pytest.mark.parametrize("surface", [TEXT, SSE], ids=["text", "sse"])
+def test_an_upstream_that_keeps_its_body_open_after_done_does_not_hold_the_answer(
+    relay, fake, surface
+):
+    """The answer ends at [DONE], not when the upstream's read timeout (5 s here) runs out."""
+    fake.script(
+        "m/open", Scenario(tokens=["a", "b"], raw_events=[b"data: [DONE]\n\n"], stall_after=2)
+    )
+    started = time.monotonic()
+    with chat(relay, surface, "m/open") as response:
+        assert response.status_code == 200
+        expected_end = "ab" if surface == TEXT else "data: [DONE]\n\n"
+        assert response.text.endswith(expected_end)
+    assert time.monotonic() - started < 2.5
+    (upstream,) = fake.requests_for("m/open")
+    assert fake.wait_for(lambda: upstream.connection_closed is not None, 3)  # not pooled
+
+
 def test_a_key_quoted_by_openrouter_reaches_neither_the_caller_nor_the_log(faulty_relay, fake):
     quoted = f"Invalid API key: {SERVER_KEY}"
     fake.script("m/quote", Scenario(status=401, error_message=quoted))
