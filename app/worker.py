@@ -26,7 +26,6 @@ log = logging.getLogger("relay")
 # What a client gets for each of gunicorn's refusals: status, reason phrase, the part of the
 # request at fault, message. Anything not listed is a 400 naming the request.
 _MALFORMED_HEADER = (400, "Bad Request", "headers", "A request header is malformed")
-_MALFORMED_BODY = (400, "Bad Request", "body", "The chunked body is malformed")
 _REFUSALS: dict[type[Exception], tuple[int, str, str, str]] = {
     errors.LimitRequestLine: (414, "URI Too Long", "url", "The request line is too long"),
     errors.LimitRequestHeaders: (
@@ -45,10 +44,15 @@ _REFUSALS: dict[type[Exception], tuple[int, str, str, str]] = {
         "The request's Transfer-Encoding is not supported",
     ),
     errors.ExpectationFailed: (417, "Expectation Failed", "expect", "Only 100-continue is met"),
-    errors.InvalidChunkSize: _MALFORMED_BODY,
-    errors.ChunkMissingTerminator: _MALFORMED_BODY,
-    errors.InvalidChunkExtension: _MALFORMED_BODY,
 }
+# A body's chunks fail here only when gunicorn reads what the app left unread, after the request
+# was answered (the app answers a malformed chunk it reads itself with a 400 naming the body):
+# the connection is closed without a second answer that nothing asked for.
+_ANSWERED_ALREADY = (
+    errors.InvalidChunkSize,
+    errors.ChunkMissingTerminator,
+    errors.InvalidChunkExtension,
+)
 _NOT_HTTP = (400, "Bad Request", "request", "The request is not valid HTTP/1.1")
 # The only header names gunicorn's messages carry that are sure not to be a whole header line.
 _NAMED_HEADERS = frozenset({"CONTENT-LENGTH", "TRANSFER-ENCODING"})
@@ -68,6 +72,11 @@ class RelayWorker(GeventWorker):
         ):
             # Not the client's fault (the app's, a server's setting): gunicorn logs it in full.
             super().handle_error(req, client, addr, exc)
+            return
+        if isinstance(exc, _ANSWERED_ALREADY):
+            log.info(
+                "closing a connection: the unread rest of an answered request's body is malformed"
+            )
             return
         status, reason, param, message = _REFUSALS.get(type(exc), _NOT_HTTP)
         header = getattr(exc, "hdr", None)

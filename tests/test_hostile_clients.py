@@ -292,3 +292,13 @@ def test_what_gunicorn_refuses_is_json_naming_the_part_at_fault_never_echoed(
     log = module_relay.log(since=mark)
     assert f"refused a request gunicorn could not parse: {status}" in log
     assert _TOKEN not in log
+
+
+def test_a_malformed_body_left_unread_gets_no_second_answer(module_relay):
+    """The 404 needs no body; gunicorn finds the chunks malformed only when it reads past them
+    for the next request. The connection closes then, without an answer nothing asked for."""
+    head = chunked_head("/nowhere").replace("Connection: close\r\n", "")
+    pipelined = b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n"
+    response = raw_exchange(module_relay.port, head, b"zz\r\nhello\r\n0\r\n\r\n" + pipelined)
+    assert response.startswith(b"HTTP/1.1 404 ")
+    assert response.count(b"HTTP/1.1 ") == 1
