@@ -57,7 +57,8 @@ def create_app(config: Mapping[str, str] | Settings | None = None) -> Flask:
         CORS(
             app,
             origins=list(settings.cors_origins),
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            # OpenAI's JavaScript SDK, in a browser, also sends its x-stainless-* headers.
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", r"x-stainless-[a-z-]+"],
             expose_headers=[
                 "X-Request-ID",
                 "X-Generation-Id",

@@ -82,6 +82,12 @@ def read_json_object(request: Request) -> dict[str, Any]:
             f"Request bodies must not be compressed (Content-Encoding: {encoding[:40]})",
             {"Content-Encoding": ["Not supported; send the body uncompressed."]},
         )
+    transfer = request.environ.get("HTTP_TRANSFER_ENCODING")
+    if transfer is not None and transfer.replace(" ", "").lower() != "chunked":
+        raise UnsupportedEncoding(
+            f"Request bodies must not be compressed (Transfer-Encoding: {transfer[:40]})",
+            {"Transfer-Encoding": ["Not supported; send the body uncompressed."]},
+        )
     raw = _read_body(request)
     if not raw:
         raise BadRequest("Request body is empty; send a JSON object", {"body": ["Empty."]})

@@ -164,6 +164,15 @@ def test_a_compressed_body_is_a_415_naming_content_encoding(client, fake):
     assert fake.received == []
 
 
+def test_a_compressed_transfer_coding_is_a_415_naming_it(module_relay, fake):
+    head = chunked_head(OPENAI).replace("chunked", "gzip, chunked")
+    compressed = gzip.compress(json.dumps(body("m/gzip")).encode())
+    status, payload = status_and_json(raw_exchange(module_relay.port, head, as_chunks(compressed)))
+    assert status == 415
+    assert payload["error"]["param"] == "Transfer-Encoding"
+    assert fake.requests_for("m/gzip") == []
+
+
 def test_a_number_with_too_many_digits_is_named_plainly(client):
     response = client.post(ENDPOINT, data='{"chatSettings": {"temperature": ' + "1" * 5000 + "}}")
     assert response.status_code == 400

@@ -394,13 +394,14 @@ def test_cors_answers_preflights_for_allowed_origins_only_and_streams_unchanged(
         headers={
             "Origin": "https://chat.example.com",
             "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type",
+            "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
         },
     )
     assert preflight.status_code == 200
     assert preflight.headers["Access-Control-Allow-Origin"] == "https://chat.example.com"
     assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
     assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
+    assert "x-stainless-os" in preflight.headers["Access-Control-Allow-Headers"].lower()
     stranger = requests.options(
         relay.url + OPENAI,
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
