@@ -17,6 +17,23 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def openrouter_key(raw: str) -> str:
+    """An OpenRouter key as it can be sent in an Authorization header; raises ValueError."""
+    key = raw.strip()
+    if not all("!" <= char <= "~" for char in key):
+        raise ValueError("must be printable ASCII without spaces or control characters")
+    return key
+
+
+def _header_text(raw: str) -> str:
+    # http.client sends header values in Latin-1 and refuses line breaks: anything else would
+    # fail every upstream call, long after start-up.
+    text = raw.strip()
+    if not all(" " <= char <= "~" or "\xa0" <= char <= "\xff" for char in text):
+        raise ValueError("must be printable Latin-1 text without control characters")
+    return text
+
+
 def _positive_number(raw: str) -> float:
     try:
         value = float(raw)
@@ -120,12 +137,12 @@ def _setting(env: str, parse: Callable[[str], Any], default: Any, *, secret: boo
 class Settings:
     """Everything the relay can be configured with; one environment variable per field."""
 
-    openrouter_api_key: str = _setting("OPENROUTER_API_KEY", _text, "", secret=True)
+    openrouter_api_key: str = _setting("OPENROUTER_API_KEY", openrouter_key, "", secret=True)
     openrouter_base_url: str = _setting(
         "OPENROUTER_BASE_URL", _http_url, "https://openrouter.ai/api/v1"
     )
-    openrouter_app_url: str = _setting("OPENROUTER_APP_URL", _text, "")
-    openrouter_app_title: str = _setting("OPENROUTER_APP_TITLE", _text, "")
+    openrouter_app_url: str = _setting("OPENROUTER_APP_URL", _header_text, "")
+    openrouter_app_title: str = _setting("OPENROUTER_APP_TITLE", _header_text, "")
     upstream_connect_timeout: float = _setting("UPSTREAM_CONNECT_TIMEOUT", _positive_number, 10.0)
     upstream_read_timeout: float = _setting("UPSTREAM_READ_TIMEOUT", _positive_number, 300.0)
     upstream_retries: int = _setting("UPSTREAM_RETRIES", _count, 2)

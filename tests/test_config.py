@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from app import create_app
 from app.config import ConfigError, Settings
 from tests.conftest import ROOT, procfile_command
 
@@ -38,6 +39,39 @@ def test_a_bad_value_is_refused_naming_the_variable(name, value, complaint):
         Settings.from_environ({name: value})
     assert str(raised.value).startswith(f"{name} {complaint}")
     assert repr(value) in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["sk-or-v1-abc\ndef", "sk-or-v1-abc def", "sk-or-v1-abc\x00def", "sk-or-v1-abc\u00e9def"],
+)
+def test_a_key_that_cannot_be_a_header_value_is_refused_without_showing_it(value):
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_environ({"OPENROUTER_API_KEY": value})
+    message = str(raised.value)
+    assert message.startswith("OPENROUTER_API_KEY must be printable ASCII")
+    assert "abc" not in message and "def" not in message
+
+
+@pytest.mark.parametrize("name", ["OPENROUTER_APP_TITLE", "OPENROUTER_APP_URL"])
+@pytest.mark.parametrize("value", ["Relay \U0001f916 App", "Relay\nX-Injected: 1", "Relay\x7fApp"])
+def test_attribution_that_cannot_be_a_header_value_is_refused(name, value):
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_environ({name: value})
+    assert str(raised.value).startswith(f"{name} must be printable Latin-1 text")
+
+
+def test_attribution_in_latin_1_reaches_the_upstream(relay_env, fake):
+    title, url = "Caf\u00e9 Relay \u00bd", "https://relay.example/caf\u00e9"
+    app = create_app({**relay_env, "OPENROUTER_APP_TITLE": title, "OPENROUTER_APP_URL": url})
+    body = {
+        "chatSettings": {"model": "openai/gpt-4o-mini"},
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    response = app.test_client().post("/api/chat/openrouter", json=body)
+    assert response.status_code == 200
+    (received,) = fake.received
+    assert received.header("X-Title") == title and received.header("HTTP-Referer") == url
 
 
 def test_the_key_is_neither_shown_in_errors_nor_in_the_settings_repr():
