@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 
 class ConfigError(ValueError):
@@ -68,15 +68,24 @@ def _port(raw: str) -> int:
     return value
 
 
-def _http_url(raw: str) -> str:
-    url = raw.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL")
+def _split(url: str) -> SplitResult:
+    """`url`'s parts, its port read: what the clients would fail on at their first use."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValueError("has a malformed host") from None
     try:
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:
         raise ValueError("has a malformed port") from None
+    return parts
+
+
+def _http_url(raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    parts = _split(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
     return url
 
 
@@ -99,19 +108,25 @@ def _flag(raw: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def _database_url(raw: str) -> str:
-    url = raw.strip()
-    scheme = url.split(":", 1)[0]
-    if scheme not in ("sqlite", "postgres", "postgresql", "postgresql+psycopg"):
-        raise ValueError("must be a sqlite:// or postgresql:// URL")
-    return url
+def _connection_url(*schemes: str, kind: str) -> Callable[[str], str]:
+    # SQLAlchemy and redis-py would import ssl in the master, before gevent patches it. urlsplit
+    # reads the port as redis-py does, and as SQLAlchemy does when a password's reserved
+    # characters are percent-encoded (as libpq asks).
+    def parse(raw: str) -> str:
+        url = raw.strip()
+        scheme, separator, _ = url.partition("://")
+        if scheme not in schemes or not separator:
+            raise ValueError(f"must be a {kind} URL")
+        _split(url)
+        return url
+
+    return parse
 
 
-def _redis_url(raw: str) -> str:
-    url = raw.strip()
-    if url.split(":", 1)[0] not in ("redis", "rediss"):
-        raise ValueError("must be a redis:// or rediss:// URL")
-    return url
+_database_url = _connection_url(
+    "sqlite", "postgres", "postgresql", "postgresql+psycopg", kind="sqlite:// or postgresql://"
+)
+_redis_url = _connection_url("redis", "rediss", kind="redis:// or rediss://")
 
 
 def _origins(raw: str) -> tuple[str, ...]:
