@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -11,6 +12,15 @@ from urllib.parse import SplitResult, urlsplit
 
 class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
+
+
+# A URL's user and password: from its "//" to the last "@" before its path, query or fragment.
+_USERINFO = re.compile(r"(?<=//)[^/?#]*@")
+
+
+def _without_userinfo(value: str) -> str:
+    """`value` as it may be shown in an error: every URL in it without its user and password."""
+    return _USERINFO.sub("", value)
 
 
 def _text(raw: str) -> str:
@@ -135,7 +145,8 @@ def _origins(raw: str) -> tuple[str, ...]:
         parts = urlsplit(origin)
         if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc):
             raise ValueError(
-                f"must list origins like https://chat.example.com or *; {origin!r} is not one"
+                "must list origins like https://chat.example.com or *; "
+                f"{_without_userinfo(origin)!r} is not one"
             )
     return origins
 
@@ -201,6 +212,6 @@ class Settings:
             try:
                 values[spec.name] = spec.metadata["parse"](raw)
             except ValueError as error:
-                shown = "(hidden)" if not spec.repr else repr(raw)
+                shown = "(hidden)" if not spec.repr else repr(_without_userinfo(raw))
                 raise ConfigError(f"{name} {error}, got {shown}") from None
         return cls(**values)
