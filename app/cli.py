@@ -8,7 +8,9 @@ from datetime import datetime
 import click
 from flask import Flask, current_app
 from flask.cli import AppGroup
+from sqlalchemy.exc import SQLAlchemyError
 
+from .config import openrouter_key
 from .migrations import LATEST, current_version, upgrade
 from .profiles import ProfileError, ProfileStore
 from .reports import parse_moment, usage_rows
@@ -22,12 +24,17 @@ def _store() -> ProfileStore:
     return current_app.extensions["relay.profiles"]
 
 
-def _fail_on_profile_error(action):
+def _fail_in_one_line(action):
     def run(*args, **kwargs):
         try:
             return action(*args, **kwargs)
         except ProfileError as error:
             raise click.ClickException(str(error)) from None
+        except SQLAlchemyError as error:
+            # Its message carries the statement's parameters: a sealed key, a token's hash.
+            raise click.ClickException(
+                f"the database failed the command ({type(error).__name__})"
+            ) from None
 
     run.__name__ = action.__name__
     run.__doc__ = action.__doc__
@@ -56,14 +63,12 @@ def db_version() -> None:
 @click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute.")
 @click.option("--concurrency", type=click.IntRange(min=1), help="Concurrent streams.")
 @click.option("--monthly-budget", type=click.FloatRange(min=0), metavar="USD")
-@_fail_on_profile_error
+@_fail_in_one_line
 def profiles_create(name, openrouter_key_env, models, rpm, concurrency, monthly_budget) -> None:
     """Create a profile and print its token (shown this once, on the last line)."""
     key = None
     if openrouter_key_env:
-        key = os.environ.get(openrouter_key_env, "").strip()
-        if not key:
-            raise click.ClickException(f"${openrouter_key_env} is empty or not set")
+        key = _key_from(openrouter_key_env)
     token = _store().create(
         name,
         openrouter_key=key,
@@ -76,13 +81,23 @@ def profiles_create(name, openrouter_key_env, models, rpm, concurrency, monthly_
     click.echo(token)
 
 
+def _key_from(variable: str) -> str:
+    try:
+        key = openrouter_key(os.environ.get(variable, ""))
+    except ValueError as error:
+        raise click.ClickException(f"${variable} {error}") from None
+    if not key:
+        raise click.ClickException(f"${variable} is empty or not set")
+    return key
+
+
 @profiles.command("limit")
 @click.argument("name")
 @click.option("--rpm", type=click.IntRange(min=0), help="Requests per minute (0: no limit).")
 @click.option("--concurrency", type=click.IntRange(min=0), help="Concurrent streams (0: none).")
 @click.option("--monthly-budget", type=click.FloatRange(min=0), metavar="USD")
 @click.option("--no-budget", is_flag=True, help="Remove the monthly budget.")
-@_fail_on_profile_error
+@_fail_in_one_line
 def profiles_limit(name, rpm, concurrency, monthly_budget, no_budget) -> None:
     """Change a profile's limits; its token stays the same. 0 falls back to DEFAULT_RPM or
     DEFAULT_CONCURRENCY."""
@@ -102,6 +117,7 @@ def profiles_limit(name, rpm, concurrency, monthly_budget, no_budget) -> None:
 
 
 @profiles.command("list")
+@_fail_in_one_line
 def profiles_list() -> None:
     """List profiles (never their tokens or keys)."""
     for profile in _store().all():
@@ -116,7 +132,7 @@ def profiles_list() -> None:
 
 @profiles.command("rotate")
 @click.argument("name")
-@_fail_on_profile_error
+@_fail_in_one_line
 def profiles_rotate(name) -> None:
     """Give a profile a new token; the old one stops working at once."""
     token = _store().rotate(name)
@@ -126,7 +142,7 @@ def profiles_rotate(name) -> None:
 
 @profiles.command("disable")
 @click.argument("name")
-@_fail_on_profile_error
+@_fail_in_one_line
 def profiles_disable(name) -> None:
     """Refuse the profile's token until it is enabled again."""
     _store().set_enabled(name, False)
@@ -135,7 +151,7 @@ def profiles_disable(name) -> None:
 
 @profiles.command("enable")
 @click.argument("name")
-@_fail_on_profile_error
+@_fail_in_one_line
 def profiles_enable(name) -> None:
     """Accept the profile's token again."""
     _store().set_enabled(name, True)
@@ -144,7 +160,7 @@ def profiles_enable(name) -> None:
 
 @profiles.command("delete")
 @click.argument("name")
-@_fail_on_profile_error
+@_fail_in_one_line
 def profiles_delete(name) -> None:
     """Delete a profile (its usage stays in the ledger)."""
     _store().delete(name)

@@ -3,18 +3,45 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 
 class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
 
 
+# A URL's user and password: from its "//" to the last "@" before its path, query or fragment.
+_USERINFO = re.compile(r"(?<=//)[^/?#]*@")
+
+
+def _without_userinfo(value: str) -> str:
+    """`value` as it may be shown in an error: every URL in it without its user and password."""
+    return _USERINFO.sub("", value)
+
+
 def _text(raw: str) -> str:
     return raw.strip()
+
+
+def openrouter_key(raw: str) -> str:
+    """An OpenRouter key as it can be sent in an Authorization header; raises ValueError."""
+    key = raw.strip()
+    if not all("!" <= char <= "~" for char in key):
+        raise ValueError("must be printable ASCII without spaces or control characters")
+    return key
+
+
+def _header_text(raw: str) -> str:
+    # http.client sends header values in Latin-1 and refuses line breaks: anything else would
+    # fail every upstream call, long after start-up.
+    text = raw.strip()
+    if not all(" " <= char <= "~" or "\xa0" <= char <= "\xff" for char in text):
+        raise ValueError("must be printable Latin-1 text without control characters")
+    return text
 
 
 def _positive_number(raw: str) -> float:
@@ -51,15 +78,24 @@ def _port(raw: str) -> int:
     return value
 
 
-def _http_url(raw: str) -> str:
-    url = raw.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL")
+def _split(url: str) -> SplitResult:
+    """`url`'s parts, its port read: what the clients would fail on at their first use."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValueError("has a malformed host") from None
     try:
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:
         raise ValueError("has a malformed port") from None
+    return parts
+
+
+def _http_url(raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    parts = _split(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
     return url
 
 
@@ -82,19 +118,25 @@ def _flag(raw: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def _database_url(raw: str) -> str:
-    url = raw.strip()
-    scheme = url.split(":", 1)[0]
-    if scheme not in ("sqlite", "postgres", "postgresql", "postgresql+psycopg"):
-        raise ValueError("must be a sqlite:// or postgresql:// URL")
-    return url
+def _connection_url(*schemes: str, kind: str) -> Callable[[str], str]:
+    # SQLAlchemy and redis-py would import ssl in the master, before gevent patches it. urlsplit
+    # reads the port as redis-py does, and as SQLAlchemy does when a password's reserved
+    # characters are percent-encoded (as libpq asks).
+    def parse(raw: str) -> str:
+        url = raw.strip()
+        scheme, separator, _ = url.partition("://")
+        if scheme not in schemes or not separator:
+            raise ValueError(f"must be a {kind} URL")
+        _split(url)
+        return url
+
+    return parse
 
 
-def _redis_url(raw: str) -> str:
-    url = raw.strip()
-    if url.split(":", 1)[0] not in ("redis", "rediss"):
-        raise ValueError("must be a redis:// or rediss:// URL")
-    return url
+_database_url = _connection_url(
+    "sqlite", "postgres", "postgresql", "postgresql+psycopg", kind="sqlite:// or postgresql://"
+)
+_redis_url = _connection_url("redis", "rediss", kind="redis:// or rediss://")
 
 
 def _origins(raw: str) -> tuple[str, ...]:
@@ -103,7 +145,8 @@ def _origins(raw: str) -> tuple[str, ...]:
         parts = urlsplit(origin)
         if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc):
             raise ValueError(
-                f"must list origins like https://chat.example.com or *; {origin!r} is not one"
+                "must list origins like https://chat.example.com or *; "
+                f"{_without_userinfo(origin)!r} is not one"
             )
     return origins
 
@@ -120,12 +163,12 @@ def _setting(env: str, parse: Callable[[str], Any], default: Any, *, secret: boo
 class Settings:
     """Everything the relay can be configured with; one environment variable per field."""
 
-    openrouter_api_key: str = _setting("OPENROUTER_API_KEY", _text, "", secret=True)
+    openrouter_api_key: str = _setting("OPENROUTER_API_KEY", openrouter_key, "", secret=True)
     openrouter_base_url: str = _setting(
         "OPENROUTER_BASE_URL", _http_url, "https://openrouter.ai/api/v1"
     )
-    openrouter_app_url: str = _setting("OPENROUTER_APP_URL", _text, "")
-    openrouter_app_title: str = _setting("OPENROUTER_APP_TITLE", _text, "")
+    openrouter_app_url: str = _setting("OPENROUTER_APP_URL", _header_text, "")
+    openrouter_app_title: str = _setting("OPENROUTER_APP_TITLE", _header_text, "")
     upstream_connect_timeout: float = _setting("UPSTREAM_CONNECT_TIMEOUT", _positive_number, 10.0)
     upstream_read_timeout: float = _setting("UPSTREAM_READ_TIMEOUT", _positive_number, 300.0)
     upstream_retries: int = _setting("UPSTREAM_RETRIES", _count, 2)
@@ -169,6 +212,6 @@ class Settings:
             try:
                 values[spec.name] = spec.metadata["parse"](raw)
             except ValueError as error:
-                shown = "(hidden)" if not spec.repr else repr(raw)
+                shown = "(hidden)" if not spec.repr else repr(_without_userinfo(raw))
                 raise ConfigError(f"{name} {error}, got {shown}") from None
         return cls(**values)

@@ -23,6 +23,7 @@ from .errors import StorageUnavailable
 log = logging.getLogger("relay")
 
 TOKEN_PREFIX = "orr_"
+LONGEST_NAME: int = profiles.c.name.type.length
 # While the database cannot be reached, a token it confirmed this recently is still honoured.
 KNOWN_FOR = 3600.0
 # After a failed lookup the database is left alone this long (a blackholed database would hold
@@ -123,6 +124,8 @@ class ProfileStore:
         monthly_budget: float | None = None,
     ) -> str:
         """Create a profile; returns its token (the only time it is ever shown)."""
+        if len(name) > LONGEST_NAME:
+            raise ProfileError(f"a profile name has at most {LONGEST_NAME} characters")
         token = new_token()
         row = {
             "name": name,

@@ -103,6 +103,59 @@ def test_a_profile_key_is_refused_without_a_secret_key(profiles_env):
     assert "SECRET_KEY must be set" in result.output
 
 
+@pytest.mark.parametrize("bad", ["sk-or-v1-abc\ndef", "sk-or-v1-abc\x1bdef", "sk-or-v1-abc def"])
+def test_a_profile_key_that_cannot_be_a_header_value_is_refused_unshown(app, cli, bad):
+    result = app.test_cli_runner().invoke(
+        args=["profiles", "create", "team-a", "--openrouter-key-env", "TEAM_KEY"],
+        env={"TEAM_KEY": bad},
+    )
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: $TEAM_KEY must be printable ASCII")
+    assert "abc" not in result.output and "def" not in result.output
+    assert "team-a" not in cli("profiles", "list")
+
+
+def test_a_profile_name_is_as_long_as_its_column_at_most(app, cli):
+    longest = profiles.c.name.type.length
+    cli("profiles", "create", "n" * longest)
+    result = app.test_cli_runner().invoke(args=["profiles", "create", "n" * (longest + 1)])
+    assert result.exit_code == 1
+    assert result.output == f"Error: a profile name has at most {longest} characters\n"
+    assert cli("profiles", "list").count("n" * longest) == 1
+
+
+def test_a_database_failure_in_the_cli_is_one_line_naming_its_type(tmp_path: Path):
+    """A database without the schema: SQLAlchemy's message would carry the statement and its
+    parameters (the encrypted key, the token's hash)."""
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'empty.sqlite3'}",
+        "SECRET_KEY": "test-secret-key-for-profile-keys",
+        "TEAM_KEY": PROFILE_KEY,
+    }
+    result = subprocess.run(
+        [
+            "flask",
+            "--app",
+            "wsgi",
+            "profiles",
+            "create",
+            "team-a",
+            "--openrouter-key-env",
+            "TEAM_KEY",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == "Error: the database failed the command (OperationalError)\n"
+
+
 def test_requests_need_a_valid_enabled_token_on_both_surfaces(cli, app, fake):
     client = app.test_client()
     for token in (None, "orr_not-a-real-token"):
