@@ -16,6 +16,7 @@ from urllib3.exceptions import ReadTimeoutError
 from .config import Settings
 from .errors import (
     BadRequest,
+    RelayError,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
@@ -167,6 +168,16 @@ class OpenRouter:
         except requests.RequestException as error:
             log.warning("upstream unreachable: %s", type(error).__name__)
             raise UpstreamUnreachable() from None
+        except ValueError as error:
+            # http.client refuses a header value (a line break in a profile key stored before
+            # keys were checked), and its message quotes the value: the key.
+            log.error(
+                "upstream request not sent: a header value is invalid (%s)", type(error).__name__
+            )
+            raise RelayError(
+                "The relay cannot send this request: an OpenRouter key or header it holds is not "
+                "valid in a header; an operator must replace it"
+            ) from None
         if response.status_code != 200:
             raise _error_from(response)
         return response

@@ -226,6 +226,19 @@ def test_key_precedence_own_key_then_profile_key_then_server_key(cli, app, fake)
     assert sent == [f"Bearer {CLIENT_KEY}", f"Bearer {PROFILE_KEY}", f"Bearer {SERVER_KEY}"]
 
 
+def test_a_stored_key_that_cannot_be_sent_refuses_the_request_unshown(app, fake, caplog):
+    """A key stored before keys were checked (profiles create refuses it now)."""
+    token = app.extensions["relay.profiles"].create("old", openrouter_key="sk-or-v1-old\nkey")
+    client = app.test_client()
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        answers = [chatbot(client, token), openai_call(client, token)]
+    assert [answer.status_code for answer in answers] == [500, 500]
+    assert "operator must replace it" in answers[0].get_json()["message"]
+    assert "operator must replace it" in answers[1].get_json()["error"]["message"]
+    assert "sk-or-v1-old" not in caplog.text + "".join(a.get_data(as_text=True) for a in answers)
+    assert fake.received == []
+
+
 @pytest.mark.parametrize("secret_key", ["a-different-secret-key", ""])
 def test_a_profile_key_that_cannot_be_decrypted_refuses_the_request(
     cli, profiles_env, fake, caplog, secret_key
