@@ -147,18 +147,25 @@ class UpstreamError(RelayError):
         if isinstance(code, int) and 400 <= code <= 599:
             status = code
         elif isinstance(code, str):
-            code = redact_keys(code)
-        return cls(redact_keys(str(fields.get("message") or cls.message)), status=status, code=code)
+            code = redact_secrets(code)
+        return cls(
+            redact_secrets(str(fields.get("message") or cls.message)), status=status, code=code
+        )
 
 
-_OPENROUTER_KEY = re.compile(r"sk-or-[A-Za-z0-9_-]+")
+_SECRET = re.compile(r"(sk-or-|orr_)[A-Za-z0-9_-]{8,}")
 
 
-def redact_keys(text: str) -> str:
-    """`text` without any OpenRouter key in it. OpenRouter's messages go to the caller and the
-    log, and one that quoted the key it was called with would give away the server's key, or a
-    profile's, which its callers must not hold."""
-    return _OPENROUTER_KEY.sub("sk-or-[redacted]", text) if "sk-or-" in text else text
+def redact_secrets(text: str) -> str:
+    """`text` without OpenRouter keys (sk-or-...) or profile tokens (orr_...) in it.
+
+    For OpenRouter's messages, which go to the caller and the log (one quoting the key it was
+    called with would give away the server's key, or a profile's, which its callers must not
+    hold), and for every log line: an exception's text is not the relay's to choose.
+    """
+    if "sk-or-" in text or "orr_" in text:
+        return _SECRET.sub(r"\1[redacted]", text)
+    return text
 
 
 class UpstreamUnreachable(UpstreamError):

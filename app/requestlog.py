@@ -20,7 +20,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from .errors import RelayError, UpstreamError
+from .errors import RelayError, UpstreamError, redact_secrets
 from .ledger import UsageRow
 from .metrics import COST, REQUESTS, STREAM_DURATION, TIME_TO_FIRST_TOKEN, TOKENS
 
@@ -194,12 +194,20 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
+class _RedactingHandler(logging.StreamHandler):
+    """Writes each line with any key or token in it redacted: a message or a traceback may quote
+    one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_secrets(super().format(record))
+
+
 def configure_logging(log_format: str) -> None:
     """The relay's lines go to stdout, one per line, as JSON or as text."""
     logger = logging.getLogger("relay")
     if logger.handlers:
         return
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _RedactingHandler(sys.stdout)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -86,10 +86,11 @@ def client(app):
     return app.test_client()
 
 
-def run_under_gevent(script: str) -> str:
+def run_python(script: str) -> str:
     """Run `script` in a process of its own and return what it printed; fail on its error.
 
-    gevent's patching is for good, and the other tests run unpatched; the script patches first.
+    For what must not touch the tests' own process: gevent's patching is for good (the script
+    patches first), the relay's logging is configured once.
     """
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import run_under_gevent
+from tests.conftest import run_python
 
 # Each script patches first; `client` stands for the relay's end of a client connection,
 # `peer` for the client itself.
@@ -27,7 +27,7 @@ watch = DisconnectWatch({"gunicorn.socket": client})
 
 
 def test_a_client_gone_during_the_call_raises_client_disconnected_in_it_at_once():
-    printed = run_under_gevent(
+    printed = run_python(
         PREAMBLE
         + """
 gevent.spawn_later(0.1, peer.close)
@@ -44,7 +44,7 @@ except ClientDisconnected:
 
 
 def test_bytes_from_a_client_that_stays_do_not_interrupt_the_call():
-    printed = run_under_gevent(
+    printed = run_python(
         PREAMBLE
         + """
 peer.sendall(b"GET / HTTP/1.1")  # a pipelined request
@@ -60,7 +60,7 @@ print("finished")
 def test_a_client_gone_as_the_call_ends_reaches_the_stream_instead():
     """The watch is handed over without a gap: a FIN noticed after the call ended (here: before
     the hand-over) goes to the stream's handler, and nothing is thrown at the caller later."""
-    printed = run_under_gevent(
+    printed = run_python(
         PREAMBLE
         + """
 with watch.interrupting():
@@ -79,7 +79,7 @@ print("finished")
 def test_a_throw_that_falls_due_after_the_call_ended_is_dropped():
     """The FIN is seen during the call, but the call ends before the loop delivers the throw:
     the caller, now past the call, must not get it."""
-    printed = run_under_gevent(
+    printed = run_python(
         PREAMBLE
         + """
 with watch.interrupting():
@@ -125,7 +125,7 @@ def test_a_tls_client_gone_is_noticed_too(tmp_path, close_notify):
     """gunicorn terminating TLS hands over a TLS socket, which cannot be peeked at; a client
     closing politely sends TLS's close_notify before its FIN."""
     cert, key = _self_signed(tmp_path)
-    printed = run_under_gevent(
+    printed = run_python(
         f"""
 from gevent import monkey; monkey.patch_all()
 import socket, ssl, time

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import textwrap
 
-from tests.conftest import run_under_gevent
+from tests.conftest import run_python
 
 # The upstream here is a bare loopback socket server so that the test decides exactly when each
 # stream's bytes are sent: both in one turn of the event loop, the fresh stream's first (libev
@@ -99,5 +99,5 @@ _UNDER_GEVENT = textwrap.dedent(
 
 
 def test_a_stream_waiting_for_its_first_token_is_served_before_later_tokens():
-    printed = run_under_gevent(_UNDER_GEVENT)
+    printed = run_python(_UNDER_GEVENT)
     assert printed.split("\n")[:2] == ["first, later", "first, later"]

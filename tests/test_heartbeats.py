@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from app.heartbeats import HEARTBEAT, MAX_AHEAD, HeartbeatReader
-from tests.conftest import run_under_gevent
+from tests.conftest import run_python
 from tests.fake_openrouter import wait_for
 
 
@@ -137,4 +137,4 @@ _KILLED_WHILE_THE_READER_OPENS = textwrap.dedent(
 
 
 def test_a_consumer_killed_while_its_reader_opens_the_source_still_gets_it_closed():
-    assert run_under_gevent(_KILLED_WHILE_THE_READER_OPENS).split() == ["True", "True"]
+    assert run_python(_KILLED_WHILE_THE_READER_OPENS).split() == ["True", "True"]

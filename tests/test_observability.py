@@ -21,6 +21,7 @@ from tests.conftest import (
     free_port,
     migrate,
     reset_postgres,
+    run_python,
     sqlite_url,
 )
 from tests.fake_openrouter import Scenario
@@ -476,3 +477,26 @@ def test_a_stream_whose_client_left_during_silence_still_leaves_its_line(start_r
     (line,) = [line for line in wait_for_lines(relay, 1) if line["request_id"] == "left-early"]
     assert line["outcome"] == "client_aborted"
     assert "Traceback" not in relay.log()
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_a_key_or_token_in_any_log_line_is_redacted(log_format):
+    """Whatever a message or an exception's traceback quotes (the relay does not choose every
+    exception's text)."""
+    token = "orr_" + "t" * 43
+    printed = run_python(
+        f"""
+import logging
+from app.requestlog import configure_logging
+configure_logging({log_format!r})
+log = logging.getLogger("relay")
+log.warning("quoted %s", {SERVER_KEY!r})
+try:
+    raise ValueError("Invalid header value b'Bearer {token}'")
+except ValueError:
+    log.exception("failed")
+"""
+    )
+    assert "quoted sk-or-[redacted]" in printed
+    assert "Bearer orr_[redacted]" in printed
+    assert SERVER_KEY not in printed and token not in printed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
-from tests.conftest import run_under_gevent
+from tests.conftest import run_python
 
 _UNDER_GEVENT = textwrap.dedent(
     """
@@ -52,7 +52,7 @@ _UNDER_GEVENT = textwrap.dedent(
 
 
 def test_every_pool_checks_a_reused_connection_without_going_round_the_event_loop():
-    printed = run_under_gevent(_UNDER_GEVENT)
+    printed = run_python(_UNDER_GEVENT)
     assert printed.strip() == "checked 4"
 
 

@@ -7,7 +7,7 @@ import textwrap
 import threading
 
 from app.wakeups import arrival_event
-from tests.conftest import run_under_gevent
+from tests.conftest import run_python
 
 # Two greenlets are woken in one turn of the loop: the reader first (its watcher has a higher
 # priority), which wakes a waiting consumer or starts a greenlet, then another stream's. What the
@@ -134,7 +134,7 @@ _UNDER_GEVENT = textwrap.dedent(
 
 
 def test_a_reader_wakes_its_consumer_and_starts_before_anything_else():
-    printed = run_under_gevent(_UNDER_GEVENT).split("\n")
+    printed = run_python(_UNDER_GEVENT).split("\n")
     assert printed.pop(0) == "a thread started before the loop runs"
     assert printed[:2] == ["reader, woken True, other stream", "reader, started, other stream"]
     assert printed[2] == "2000 0 0"
