@@ -162,15 +162,7 @@ class ChatStream:
 
     def _release(self) -> None:
         raw = self._response.raw
-        if self.done and raw.connection is not None:
-            sock = getattr(raw.connection, "sock", None)
-            if sock is not None:
-                # The body's end follows [DONE] at once. An upstream (a proxy) that keeps the body
-                # open after it must not hold up the answer's end: past this wait the
-                # connection is closed instead of pooled (urllib3 sets the timeout for its next
-                # request).
-                sock.settimeout(_DRAIN_WAIT)
-            raw.drain_conn()  # the chunked terminator, normally already buffered
+        if self.done and raw.connection is not None and self._ended_after_done():
             raw.release_conn()
             return
         with contextlib.suppress(ValueError, RuntimeError, OSError):
@@ -184,6 +176,23 @@ class ChatStream:
             with contextlib.suppress(OSError):
                 connection.close()
 
+    def _ended_after_done(self) -> bool:
+        """Whether the body ends right after [DONE], so that its connection can be pooled.
+
+        Its end (the chunked terminator) follows at once, normally already buffered. An upstream
+        (a proxy) that sends more, or keeps the body open, must not hold up the answer's end: one
+        read, each of its waits bounded (urllib3 sets the socket's timeout again for the
+        connection's next request), and the connection is closed instead.
+        """
+        raw = self._response.raw
+        sock = getattr(raw.connection, "sock", None)
+        if sock is not None:
+            sock.settimeout(_DRAIN_WAIT)
+        try:
+            return raw.read1(_READ_SIZE) == b""
+        except (TransportError, HTTPException, OSError):
+            return False
+
     def _reads(self) -> Iterator[bytes]:
         """The body as it arrives, one network read at a time (never waiting to fill a buffer).
 
@@ -196,12 +205,14 @@ class ChatStream:
         read = body.read1 if isinstance(body, HTTPResponse) else raw.read1
         unterminated = 0  # bytes since the last event boundary: an event may not grow forever
         run_on_lines = 0  # lines of an event in the reads after the one it began in
+        data = b""
         now = time.monotonic
         reads = 0
         first_event_pending = _served_first(self._response)
         try:
             while True:
                 self.waiting_since = now()
+                previous = data
                 try:
                     data = read(_READ_SIZE)
                 except (AttributeError, ValueError):
@@ -223,7 +234,7 @@ class ChatStream:
                     _prioritise(first_event_pending, 0)
                     first_event_pending = None
                 boundary = data.rfind(b"\n\n")
-                end = boundary + 2 if boundary >= 0 else _other_event_end(data)
+                end = boundary + 2 if boundary >= 0 else _other_event_end(data, previous)
                 if end >= 0:
                     unterminated = len(data) - end
                     run_on_lines = 0
@@ -295,13 +306,22 @@ def _prioritise(watcher: Any, priority: int) -> bool:
     return True
 
 
-def _other_event_end(data: bytes) -> int:
-    """Where the last event ending in `data` ends, for the blank lines OpenRouter does not send
-    but the SSE standard allows (CRLF or CR line ends); -1 if none does."""
-    for blank_line in (b"\n\r\n", b"\r\r"):
-        at = data.rfind(blank_line)
-        if at >= 0:
-            return at + len(blank_line)
+_BLANK_LINES = (b"\n\n", b"\r\n\r\n", b"\r\r")  # where sseclient ends an event
+
+
+def _other_event_end(data: bytes, previous: bytes) -> int:
+    """Where the last event ending in `data` ends, or -1, for a read without "\\n\\n" in it: an
+    event ending in CRLF or CR line ends (which the SSE standard allows and OpenRouter does not
+    send), or one whose blank line began in the `previous` read (a server that wrote it apart)."""
+    ends = [data.rfind(blank) + len(blank) for blank in _BLANK_LINES[1:] if blank in data]
+    if ends:
+        return max(ends)
+    edge = previous[-3:]
+    joined = edge + data[:3]
+    for blank in _BLANK_LINES:
+        at = joined.rfind(blank)
+        if at >= 0 and at + len(blank) > len(edge):
+            return at + len(blank) - len(edge)
     return -1
 
 

@@ -325,6 +325,32 @@ def test_a_long_stream_with_the_standards_other_line_ends_is_relayed_whole(
 
 
 @pytest.mark.parametrize("surface", [TEXT, SSE], ids=["text", "sse"])
+def test_events_whose_blank_line_comes_in_a_write_of_its_own_are_relayed_whole(
+    faulty_relay, fake, surface
+):
+    """Each read then ends inside an event, and the next begins with its end: 1,200 events are
+    not one event of 1,200 lines."""
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"w"}}]}\n'
+    fake.script("m/apart", Scenario(tokens=[], raw_events=[event, b"\n"] * 1200))
+    with chat(faulty_relay, surface, "m/apart") as response:
+        assert response.status_code == 200
+        if surface == TEXT:
+            assert response.text == "w" * 1200
+        else:
+            assert response.text.count('"content":"w"') == 1200
+            assert response.text.endswith("data: [DONE]\n\n")
+
+
+def test_lines_ending_in_lf_then_a_crlf_line_are_one_event_and_bounded(faulty_relay, fake):
+    """sseclient ends an event at a blank line of LF, CRLF or CR line ends, never at LF followed
+    by CRLF: these 1,500 lines are one event, over the bound."""
+    fake.script("m/mixed", Scenario(tokens=["a"], raw_events=[b"data: x\n\r\n"] * 1500))
+    with chat(faulty_relay, SSE, "m/mixed") as response:
+        assert_ends_with_an_error_event(response.content)
+        assert "more than 1000 lines" in response.text
+
+
+@pytest.mark.parametrize("surface", [TEXT, SSE], ids=["text", "sse"])
 def test_an_upstream_that_keeps_its_body_open_after_done_does_not_hold_the_answer(
     relay, fake, surface
 ):
