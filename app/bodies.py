@@ -73,21 +73,23 @@ def _lone_surrogate_at(payload: Any) -> str | None:
     return None
 
 
+# The codings a body may be sent with: as it is, and (in transfer) chunked.
+_PLAIN_CODINGS = (
+    ("Content-Encoding", "HTTP_CONTENT_ENCODING", "identity"),
+    ("Transfer-Encoding", "HTTP_TRANSFER_ENCODING", "chunked"),
+)
+
+
 def read_json_object(request: Request) -> dict[str, Any]:
     """The request body as a dict; raises BadRequest, PayloadTooLarge or UnsupportedEncoding with
     a readable message."""
-    encoding = request.environ.get("HTTP_CONTENT_ENCODING")
-    if encoding is not None and encoding.strip().lower() != "identity":
-        raise UnsupportedEncoding(
-            f"Request bodies must not be compressed (Content-Encoding: {encoding[:40]})",
-            {"Content-Encoding": ["Not supported; send the body uncompressed."]},
-        )
-    transfer = request.environ.get("HTTP_TRANSFER_ENCODING")
-    if transfer is not None and transfer.replace(" ", "").lower() != "chunked":
-        raise UnsupportedEncoding(
-            f"Request bodies must not be compressed (Transfer-Encoding: {transfer[:40]})",
-            {"Transfer-Encoding": ["Not supported; send the body uncompressed."]},
-        )
+    for header, key, plain in _PLAIN_CODINGS:
+        coding = request.environ.get(key)
+        if coding is not None and coding.replace(" ", "").lower() != plain:
+            raise UnsupportedEncoding(
+                f"Request bodies must be sent uncompressed ({header}: {coding[:40]})",
+                {header: ["Not supported; send the body uncompressed."]},
+            )
     raw = _read_body(request)
     if not raw:
         raise BadRequest("Request body is empty; send a JSON object", {"body": ["Empty."]})

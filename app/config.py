@@ -14,8 +14,8 @@ class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
 
 
-# A URL's user and password: from its "//" to the last "@" before its path, query or fragment.
-_USERINFO = re.compile(r"(?<=//)[^/?#]*@")
+# A URL's user and password: from its "//" to its last "@" (a password may hold / ? # too).
+_USERINFO = re.compile(r"(?<=//)[^\s,]*@")
 
 
 def _without_userinfo(value: str) -> str:
@@ -118,25 +118,42 @@ def _flag(raw: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def _connection_url(*schemes: str, kind: str) -> Callable[[str], str]:
-    # SQLAlchemy and redis-py would import ssl in the master, before gevent patches it. urlsplit
-    # reads the port as redis-py does, and as SQLAlchemy does when a password's reserved
-    # characters are percent-encoded (as libpq asks).
-    def parse(raw: str) -> str:
-        url = raw.strip()
-        scheme, separator, _ = url.partition("://")
-        if scheme not in schemes or not separator:
-            raise ValueError(f"must be a {kind} URL")
-        _split(url)
-        return url
-
-    return parse
+# The database's and Redis's URLs are read here as their clients will read them, without
+# importing those (SQLAlchemy and redis-py would import ssl in the master, before gevent patches
+# it).
 
 
-_database_url = _connection_url(
-    "sqlite", "postgres", "postgresql", "postgresql+psycopg", kind="sqlite:// or postgresql://"
-)
-_redis_url = _connection_url("redis", "rediss", kind="redis:// or rediss://")
+def _with_scheme(raw: str, schemes: tuple[str, ...], kind: str) -> str:
+    url = raw.strip()
+    scheme, separator, _ = url.partition("://")
+    if scheme not in schemes or not separator:
+        raise ValueError(f"must be a {kind} URL")
+    return url
+
+
+def _database_url(raw: str) -> str:
+    url = _with_scheme(
+        raw,
+        ("sqlite", "postgres", "postgresql", "postgresql+psycopg"),
+        "sqlite:// or postgresql://",
+    )
+    # As SQLAlchemy does: the host after the last "@", the port up to a "/" or "?". (urlsplit
+    # would refuse a password holding "/", "?" or "#", which SQLAlchemy takes.)
+    host = re.split(r"[/?]", url.partition("://")[2].rpartition("@")[2], maxsplit=1)[0]
+    if host.startswith("["):
+        _, bracket, host = host[1:].partition("]")
+        if not bracket:
+            raise ValueError("has a malformed host")
+    port = host.partition(":")[2]
+    if port and not (port.isdigit() and int(port) <= 65535):
+        raise ValueError("has a malformed port")
+    return url
+
+
+def _redis_url(raw: str) -> str:
+    url = _with_scheme(raw, ("redis", "rediss"), "redis:// or rediss://")
+    _split(url)  # as redis-py does
+    return url
 
 
 def _origins(raw: str) -> tuple[str, ...]:

@@ -18,6 +18,8 @@ from sqlalchemy import (
     create_engine,
     event,
 )
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 metadata = MetaData()
 
@@ -86,3 +88,15 @@ def _sqlite_for_a_busy_service(connection, _record) -> None:
     stalls all the worker's streams."""
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
+
+
+_DATABASE_AWAY = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout, OSError)
+_SCHEMA_BEHIND = ("42P01", "42703")  # PostgreSQL: no such table or column (not migrated yet)
+
+
+def database_away(error: Exception) -> bool:
+    """Whether `error` means "try again later" (unreachable, locked, not migrated) rather than
+    a fault of the statement or its values."""
+    if isinstance(error, _DATABASE_AWAY):
+        return True
+    return getattr(getattr(error, "orig", None), "sqlstate", None) in _SCHEMA_BEHIND

@@ -104,8 +104,10 @@ class DisconnectWatch:
     def _check(self) -> None:
         if not _has_left(self._client):
             # Bytes without a FIN: a pipelined request, or TLS's close_notify, which a client
-            # closing politely sends just before its FIN. Look again in a while.
-            self._checker = spawn_later(_LOOK_AGAIN, self._context.run, self._check)
+            # closing politely sends just before its FIN. Where poll can tell a FIN behind
+            # bytes, look again in a while.
+            if _poll is not None:
+                self._checker = spawn_later(_LOOK_AGAIN, self._context.run, self._check)
             return
         self._gone = True
         if self._interrupted is not None:
@@ -123,7 +125,8 @@ class DisconnectWatch:
 
 _READABLE = 1  # libev's EV_READ
 _LOOK_AGAIN = 0.5  # seconds
-# Linux's poll tells a FIN even behind bytes not read yet; gevent's patched select has no poll.
+# Linux's poll tells a FIN even behind bytes not read yet; gevent's own poll (patched in) waits
+# in the event loop and knows only POLLIN and POLLOUT, so the original is used, without waiting.
 _RDHUP = getattr(select, "POLLRDHUP", 0)
 _poll = monkey.get_original("select", "poll") if _RDHUP else None
 

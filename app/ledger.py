@@ -21,11 +21,9 @@ from queue import Empty, Full, Queue
 from typing import Any
 
 from sqlalchemy import Column, Engine, Float, Integer, String
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .background import LazyThread
-from .database import usage
+from .database import database_away, usage
 from .errors import ClientDisconnected, UpstreamError
 from .events import ChatStream
 from .metrics import LEDGER_DEPTH, LEDGER_DROPPED
@@ -39,8 +37,6 @@ _BATCH = 500
 _LINGER = 0.25
 _INTEGER_MAX = 2**31 - 1  # PostgreSQL's INTEGER, the narrowest of the databases
 # Errors that say the database cannot be used now, rather than that a row cannot be written.
-_DATABASE_AWAY = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout, OSError)
-_SCHEMA_BEHIND = ("42P01", "42703")  # PostgreSQL: no such table or column (not migrated yet)
 
 
 @dataclass
@@ -146,14 +142,6 @@ def _fit_for(column: Column) -> Callable[[Any], Any]:
 _FITS = {
     spec.name: _fit_for(usage.c[spec.name]) for spec in fields(UsageRow) if spec.name != "started"
 }
-
-
-def _database_away(error: Exception) -> bool:
-    """Whether `error` means "try again later" (unreachable, locked, not migrated) rather than
-    "this row cannot be written"."""
-    if isinstance(error, _DATABASE_AWAY):
-        return True
-    return getattr(getattr(error, "orig", None), "sqlstate", None) in _SCHEMA_BEHIND
 
 
 class Ledger:
@@ -273,7 +261,7 @@ class Ledger:
         try:
             self._insert(batch)
         except Exception as error:
-            if _database_away(error):
+            if database_away(error):
                 raise
             self._write_one_by_one(batch)
             return
@@ -292,7 +280,7 @@ class Ledger:
                 try:
                     self._insert([row])
                 except Exception as error:
-                    if _database_away(error):
+                    if database_away(error):
                         raise
                     del batch[0]
                     refused[type(error).__name__] = refused.get(type(error).__name__, 0) + 1

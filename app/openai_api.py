@@ -9,6 +9,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .bodies import read_json_object
 from .calls import complete, event_stream_response, open_stream
+from .database import database_away
 from .errors import (
     BadRequest,
     RelayError,
@@ -80,6 +81,8 @@ def usage_summary() -> Response:
     try:
         summary = caller_summary(current_app.extensions["relay.database"], caller.name, start)
     except SQLAlchemyError as error:
+        if not database_away(error):
+            raise
         log.warning("usage totals unavailable: %s", type(error).__name__)
         raise StorageUnavailable(
             "The relay's usage ledger cannot be read right now; try again shortly"

@@ -171,6 +171,8 @@ class OpenRouter:
         except ValueError as error:
             # http.client refuses a header value (a line break in a profile key stored before
             # keys were checked), and its message quotes the value: the key.
+            if not isinstance(error, UnicodeEncodeError) and "header" not in str(error):
+                raise
             log.error(
                 "upstream request not sent: a header value is invalid (%s)", type(error).__name__
             )

@@ -43,7 +43,12 @@ _REFUSALS: dict[type[Exception], tuple[int, str, str, str]] = {
         "transfer-encoding",
         "The request's Transfer-Encoding is not supported",
     ),
-    errors.ExpectationFailed: (417, "Expectation Failed", "expect", "Only 100-continue is met"),
+    errors.ExpectationFailed: (
+        417,
+        "Expectation Failed",
+        "expect",
+        "Only Expect: 100-continue is supported",
+    ),
 }
 # A body's chunks fail here only when gunicorn reads what the app left unread, after the request
 # was answered (the app answers a malformed chunk it reads itself with a 400 naming the body):
@@ -61,7 +66,8 @@ _NAMED_HEADERS = frozenset({"CONTENT-LENGTH", "TRANSFER-ENCODING"})
 class RelayWorker(GeventWorker):
     """gunicorn's gevent worker; only `handle_error` differs."""
 
-    def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: Exception) -> None:
+    def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
+        """Answer a request gunicorn could not parse; anything else is gunicorn's to answer."""
         if not isinstance(exc, errors.ParseException) or isinstance(
             exc,
             (

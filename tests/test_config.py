@@ -45,6 +45,7 @@ LATIN_1 = "must be printable Latin-1 text without control characters"
         ("OPENROUTER_BASE_URL", "http://h:x/", "has a malformed port, got 'http://h:x/'"),
         # A URL is shown without its user and password; a secret's value not at all.
         ("OPENROUTER_BASE_URL", "ftp://u:S3CRET@h/v1", f"{HTTP_URL}, got 'ftp://h/v1'"),
+        ("OPENROUTER_BASE_URL", "ftp://u:S3/CR#ET@h/v1", "has a malformed port, got 'ftp://h/v1'"),
         ("OPENROUTER_BASE_URL", "http://u:S3@CRET@h:x/", "has a malformed port, got 'http://h:x/'"),
         ("OPENROUTER_BASE_URL", "http://S3CRET@[::1/", "has a malformed host, got 'http://[::1/'"),
         ("OPENROUTER_APP_URL", "https://u:S3CRET@h/\a", f"{LATIN_1}, got 'https://h/\\x07'"),
@@ -105,6 +106,9 @@ def test_attribution_in_latin_1_reaches_the_upstream(relay_env, fake):
         ("DATABASE_URL", "sqlite:///relay.sqlite3"),
         ("DATABASE_URL", "postgres://u:p@db.example:5432/relay?sslmode=require"),
         ("DATABASE_URL", "postgresql:///relay"),
+        # SQLAlchemy takes a password holding / ? # (urlsplit would not find the port then).
+        ("DATABASE_URL", "postgresql://u:pa/ss?#@db.example:5432/relay"),
+        ("DATABASE_URL", "postgresql://u:p@[::1]:5432/relay"),
         ("REDIS_URL", "rediss://:p@[::1]:6380/0"),
     ],
 )
