@@ -116,4 +116,7 @@ def complete(
         admission.release()
     row.take_completion(completion, retries)
     ledger.record(row)
+    generation = completion.get("id")
+    if isinstance(generation, str) and generation.isprintable() and len(generation) <= 200:
+        return raw, {**admission.headers, "X-Generation-Id": generation}
     return raw, admission.headers

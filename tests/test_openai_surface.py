@@ -137,6 +137,7 @@ def test_a_whole_completion_is_the_upstreams_json(client, fake):
     assert completion["object"] == "chat.completion"
     assert completion["choices"][0]["message"]["content"] == "All at once"
     assert "stream" not in fake.received[0].body
+    assert response.headers["X-Generation-Id"] == completion["id"] == fake.received[0].generation_id
 
 
 @pytest.mark.parametrize(
