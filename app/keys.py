@@ -10,7 +10,7 @@ from flask import Request
 
 from .config import Settings
 from .errors import Forbidden, KeyNotFound, ProfileKeyUnreadable, Unauthorized
-from .profiles import Profile, ProfileStore
+from .profiles import OPEN_CALLER, OWN_KEY_CALLER_PREFIX, Profile, ProfileStore
 
 log = logging.getLogger("relay")
 
@@ -54,9 +54,9 @@ def resolve_caller(
     token = bearer_token(request)
     if token and token.startswith(OPENROUTER_KEY_PREFIX) and settings.allow_client_keys:
         pseudonym = hashlib.sha256(token.encode()).hexdigest()[:16]
-        return Caller(name=f"byok:{pseudonym}", key=token)
+        return Caller(name=f"{OWN_KEY_CALLER_PREFIX}{pseudonym}", key=token)
     if settings.auth_mode == "open":
-        return Caller(name="open", key=_server_key(settings) if paying else "")
+        return Caller(name=OPEN_CALLER, key=_server_key(settings) if paying else "")
     if not token:
         raise Unauthorized("Missing bearer token: send Authorization: Bearer <profile token>")
     found = store.authenticate(token)

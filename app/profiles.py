@@ -23,6 +23,10 @@ from .errors import StorageUnavailable
 log = logging.getLogger("relay")
 
 TOKEN_PREFIX = "orr_"
+# The names the relay gives callers that are not profiles: a profile so named would share their
+# usage, budget and limits.
+OPEN_CALLER = "open"
+OWN_KEY_CALLER_PREFIX = "byok:"
 LONGEST_NAME: int = profiles.c.name.type.length
 # While the database cannot be reached, a token it confirmed this recently is still honoured.
 KNOWN_FOR = 3600.0
@@ -126,6 +130,10 @@ class ProfileStore:
         """Create a profile; returns its token (the only time it is ever shown)."""
         if len(name) > LONGEST_NAME:
             raise ProfileError(f"a profile name has at most {LONGEST_NAME} characters")
+        if name == OPEN_CALLER or name.startswith(OWN_KEY_CALLER_PREFIX):
+            raise ProfileError(
+                f"'{OPEN_CALLER}' and names starting '{OWN_KEY_CALLER_PREFIX}' are the relay's own"
+            )
         token = new_token()
         row = {
             "name": name,

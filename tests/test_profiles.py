@@ -124,6 +124,14 @@ def test_a_profile_name_is_as_long_as_its_column_at_most(app, cli):
     assert cli("profiles", "list").count("n" * longest) == 1
 
 
+@pytest.mark.parametrize("name", ["open", "byok:72ce706e37b16123"])
+def test_a_profile_cannot_take_a_name_the_relay_gives_its_other_callers(app, name):
+    """It would share their usage, budget and limits."""
+    result = app.test_cli_runner().invoke(args=["profiles", "create", name])
+    assert result.exit_code == 1
+    assert "the relay's own" in result.output
+
+
 def test_a_database_failure_in_the_cli_is_one_line_naming_its_type(tmp_path: Path):
     """A database without the schema: SQLAlchemy's message would carry the statement and its
     parameters (the encrypted key, the token's hash)."""
