@@ -40,7 +40,7 @@ def create_app(config: Mapping[str, str] | Settings | None = None) -> Flask:
     app.extensions["relay.database"] = engine
     app.extensions["relay.profiles"] = ProfileStore(engine, settings.secret_key)
     ledger = app.extensions["relay.ledger"] = Ledger(engine, settings.ledger_queue_max)
-    quotas = app.extensions["relay.quotas"] = Quotas(settings, engine)
+    quotas = app.extensions["relay.quotas"] = Quotas(settings, engine, ledger.unwritten_cost)
     ledger.listeners.append(lambda row: quotas.spent(row["caller"], row["cost"]))
     openrouter = OpenRouter(settings)
     app.extensions["relay.openrouter"] = openrouter

@@ -156,6 +156,7 @@ class Ledger:
         self._writer = LazyThread(self._write_forever, "usage-ledger")
         self._counts = threading.Lock()
         self._pending = 0
+        self._unwritten_cost: dict[str, float] = {}  # caller -> cost of its rows not yet written
         # Called with each row once it is written (the quotas add its cost to the spend).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
@@ -168,12 +169,23 @@ class Ledger:
         """Rows recorded and not written yet: those queued and the batch the writer holds."""
         return self._pending
 
+    def unwritten_cost(self, caller: str) -> float:
+        """What `caller`'s rows queued in this process and not yet written cost: a budget counts
+        it too, or requests made meanwhile would be let through over it."""
+        return self._unwritten_cost.get(caller, 0.0)
+
     def record(self, row: UsageRow) -> None:
         """Queue the row; if the queue is full, drop it and say so."""
         try:
             with self._counts:
-                self._queue.put_nowait(row.finish())
+                finished = row.finish()
+                self._queue.put_nowait(finished)
                 self._pending += 1
+                if finished["cost"]:
+                    caller = finished["caller"]
+                    self._unwritten_cost[caller] = (
+                        self._unwritten_cost.get(caller, 0.0) + finished["cost"]
+                    )
         except Full:
             with self._counts:
                 self.dropped += 1
@@ -284,7 +296,7 @@ class Ledger:
                         raise
                     del batch[0]
                     refused[type(error).__name__] = refused.get(type(error).__name__, 0) + 1
-                    self._drop(1)
+                    self._drop([row])
                 else:
                     del batch[0]
                     self._written([row])
@@ -312,12 +324,24 @@ class Ledger:
         with self._counts:
             self.written += len(rows)
             self._pending -= len(rows)
+            self._settle(rows)
 
-    def _drop(self, count: int) -> None:
-        LEDGER_DROPPED.inc(count)
+    def _drop(self, rows: list[dict[str, Any]]) -> None:
+        LEDGER_DROPPED.inc(len(rows))
         with self._counts:
-            self.dropped += count
-            self._pending -= count
+            self.dropped += len(rows)
+            self._pending -= len(rows)
+            self._settle(rows)
+
+    def _settle(self, rows: list[dict[str, Any]]) -> None:
+        """Take written or dropped rows' costs out of the unwritten ones (under `_counts`)."""
+        for row in rows:
+            if row["cost"]:
+                left = self._unwritten_cost.get(row["caller"], 0.0) - row["cost"]
+                if left > 1e-12:
+                    self._unwritten_cost[row["caller"]] = left
+                else:
+                    self._unwritten_cost.pop(row["caller"], None)
 
     def _tell_listeners(self, batch: list[dict[str, Any]]) -> None:
         for row in batch:

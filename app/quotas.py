@@ -72,9 +72,15 @@ class Admission:
 class Quotas:
     """Admits or refuses a caller's request before anything goes upstream."""
 
-    def __init__(self, settings: Settings, engine: Engine) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        unwritten_spend: Callable[[str], float] = lambda caller: 0.0,
+    ) -> None:
         self.settings = settings
         self.engine = engine
+        self._unwritten_spend = unwritten_spend
         self.failed_open = 0
         # What it means that the limits' store cannot be used now.
         self.failures: tuple[type[BaseException], ...] = _LOCAL_FAILURES
@@ -139,7 +145,7 @@ class Quotas:
     def _admit(self, caller: Caller) -> Admission:
         profile, name = caller.profile, caller.name
         if profile is not None and profile.monthly_budget is not None:
-            spent = self._spend.total(name)
+            spent = self._spend.total(name) + self._unwritten_spend(name)
             if spent >= profile.monthly_budget:
                 raise BudgetExhausted(
                     f"Profile '{name}' has spent its monthly budget "

@@ -119,6 +119,23 @@ def test_over_budget_is_a_402_and_survives_a_restart(profiles_env, fake):
     assert len(fake.received) == 1
 
 
+@pytest.mark.parametrize("surface", ["completion", "chatbot"])
+def test_the_budget_counts_a_cost_before_its_row_is_written(profiles_env, fake, surface):
+    """The next request, made at once, must not slip through while the row waits to be written
+    (a quarter second or more)."""
+    app = create_app(profiles_env)
+    token = create_profile(app, "--monthly-budget", "0.0001")
+    client, ask = app.test_client(), {"completion": completion, "chatbot": chatbot}[surface]
+    with ask(client, token) as first:  # costs 0.0001 or more
+        assert first.status_code == 200
+        first.get_data()
+    assert app.extensions["relay.ledger"].written == 0  # the row is still waiting
+    assert ask(client, token).status_code == 402
+    assert app.extensions["relay.ledger"].flush(10)
+    assert ask(client, token).status_code == 402  # once written, counted once: still over
+    assert len(fake.received) == 1
+
+
 def test_default_limits_apply_to_callers_with_their_own_key(profiles_env, fake):
     client = create_app({**profiles_env, "DEFAULT_RPM": "1"}).test_client()
     assert chatbot(client, "sk-or-v1-mine").status_code == 200
