@@ -3,6 +3,7 @@ spend. Imported only when REDIS_URL is set (redis-py costs every worker 7 MB).""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -36,7 +37,9 @@ class RedisSlots:
     """Slots as members of a sorted set scored by their expiry time.
 
     One loop per worker renews every slot the worker holds, so a live stream keeps its slot for
-    as long as it runs, and a slot whose worker died lapses after `ttl` seconds.
+    as long as it runs, and a slot whose worker died lapses after `ttl` seconds. A slot that could
+    not be given back (Redis away) is given back when Redis answers again: before this worker's
+    next take, or by the loop.
     """
 
     def __init__(self, client: Any, ttl: float = SLOT_TTL) -> None:
@@ -44,12 +47,15 @@ class RedisSlots:
         self._ttl = ttl
         self._take = client.register_script(_TAKE_SLOT)
         self._held: set[tuple[str, str]] = set()
+        self._unreleased: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._renewer: threading.Thread | None = None
 
     def acquire(self, name: str, limit: int) -> Callable[[], None] | None:
         """Take one of `limit` slots; returns the function that gives it back, or None."""
         key, slot = f"relay:slots:{name}", uuid.uuid4().hex
+        if self._unreleased:
+            self._release_unreleased()
         now = time.time()
         if not self._take(
             keys=[key], args=[now, limit, now + self._ttl, slot, math.ceil(self._ttl * 2)]
@@ -68,14 +74,35 @@ class RedisSlots:
                 self._held.discard((key, slot))
             try:
                 self._client.zrem(key, slot)
-            except RedisError as error:  # it lapses on its own
-                log.warning("could not release a concurrency slot (%s)", type(error).__name__)
+            except RedisError as error:
+                with self._lock:
+                    self._unreleased.add((key, slot))
+                log.warning(
+                    "could not release a concurrency slot (%s): releasing it when Redis answers",
+                    type(error).__name__,
+                )
 
         return release
+
+    def _release_unreleased(self) -> None:
+        with self._lock:
+            unreleased, self._unreleased = self._unreleased, set()
+        pipeline = self._client.pipeline(transaction=False)
+        for key, slot in unreleased:
+            pipeline.zrem(key, slot)
+        try:
+            pipeline.execute()
+        except RedisError:
+            with self._lock:
+                self._unreleased |= unreleased
+            raise
 
     def _renew_forever(self) -> None:
         while True:
             time.sleep(self._ttl / 3)
+            if self._unreleased:
+                with contextlib.suppress(RedisError):  # the next take or turn tries again
+                    self._release_unreleased()
             with self._lock:
                 held = list(self._held)
             if not held:

@@ -414,6 +414,25 @@ def test_a_redis_that_never_answers_follows_limits_fail_open_at_once(profiles_en
     assert [answer.status_code for answer in answers] == [200 if fail_open else 503] * 3
 
 
+def test_a_slot_that_could_not_be_given_back_is_given_back_once_redis_answers(redis_url):
+    """Not a slot's lifetime later: a concurrency-1 caller would be refused all that time."""
+    real = urlsplit(redis_url)
+    proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 6379)).up()
+    slots = RedisSlots(redis.Redis.from_url(proxy.in_front_of(redis_url), socket_timeout=0.5))
+    try:
+        release = slots.acquire("team", 1)
+        assert release is not None
+        proxy.down()
+        release()  # Redis away: kept to be given back
+        proxy.up()
+        again = slots.acquire("team", 1)
+        assert again is not None
+        again()
+    finally:
+        proxy.down()
+    assert not redis.Redis.from_url(redis_url).zcard(SLOTS)
+
+
 def test_spend_added_while_redis_hung_is_reseeded_from_the_ledger_once_it_answers(redis_url):
     real = urlsplit(redis_url)
     proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 6379)).up()
