@@ -151,6 +151,19 @@ def test_the_usage_report_and_endpoint_total_by_profile_model_and_outcome(app, t
     assert client.get("/v1/usage").status_code == 401
 
 
+def row_for_completion(app, token, fake, completion: dict) -> dict:
+    """The ledger row of a request OpenRouter answered with `completion`, sent as it is."""
+    fake.script(
+        "m/as-sent",
+        Scenario(raw_body=json.dumps(completion).encode(), raw_content_type="application/json"),
+    )
+    body = {"model": "m/as-sent", "messages": MESSAGES}
+    response = app.test_client().post("/v1/chat/completions", json=body, headers=auth(token))
+    assert response.status_code == 200
+    (row,) = rows(app)
+    return row
+
+
 def test_values_the_columns_cannot_hold_are_fitted_and_the_row_written(app, token, fake):
     odd_completion = {
         "id": {"not": "a string"},
@@ -158,14 +171,7 @@ def test_values_the_columns_cannot_hold_are_fitted_and_the_row_written(app, toke
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
         "usage": {"prompt_tokens": 2**70, "completion_tokens": 3, "cost": 10**400},
     }
-    fake.script(
-        "m/odd",
-        Scenario(raw_body=json.dumps(odd_completion).encode(), raw_content_type="application/json"),
-    )
-    body = {"model": "m/odd", "messages": MESSAGES}
-    response = app.test_client().post("/v1/chat/completions", json=body, headers=auth(token))
-    assert response.status_code == 200
-    (row,) = rows(app)
+    row = row_for_completion(app, token, fake, odd_completion)
     assert row["model_served"] == odd_completion["model"][:200]
     assert row["prompt_tokens"] == 2**31 - 1
     assert row["completion_tokens"] == 3
@@ -180,14 +186,7 @@ def test_usage_that_cannot_be_true_is_dropped_not_subtracted_from_the_spend(app,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
         "usage": impossible,
     }
-    fake.script(
-        "m/negative",
-        Scenario(raw_body=json.dumps(completion).encode(), raw_content_type="application/json"),
-    )
-    body = {"model": "m/negative", "messages": MESSAGES}
-    response = app.test_client().post("/v1/chat/completions", json=body, headers=auth(token))
-    assert response.status_code == 200
-    (row,) = rows(app)
+    row = row_for_completion(app, token, fake, completion)
     assert (row["prompt_tokens"], row["completion_tokens"]) == (None, 3)
     assert (row["total_tokens"], row["cost"]) == (None, None)
 
